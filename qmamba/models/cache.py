@@ -1,0 +1,69 @@
+"""The recurrent cache of a Mamba model: per layer, the conv state and the SSM state.
+
+The SSM state lives behind a small interface (`read`, `write`) so that the quantized cache of
+`qmamba.quant.state` (integers plus scales) plugs in where the float one is; `write` returns what
+the next token will read back, so the float path and the quantized path run the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+class SSMState:
+    """Float SSM state (b, d, n), float32 like mamba_ssm's cache."""
+
+    def __init__(self, h: Tensor):
+        self.h = h
+
+    def read(self) -> Tensor:
+        return self.h
+
+    def write(self, h: Tensor) -> Tensor:
+        self.h = h
+        return h
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors that hold the state in memory (for the memory report)."""
+        return {"h": self.h}
+
+
+@dataclass
+class LayerState:
+    conv: Tensor          # (b, conv_dim, w-1): the last inputs of the causal conv
+    ssm: SSMState         # (b, d, n) behind read()/write()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"conv": self.conv, **{f"ssm.{k}": v for k, v in self.ssm.tensors().items()}}
+
+
+@dataclass
+class InferenceCache:
+    layers: list = field(default_factory=list)
+    seqlen: int = 0       # tokens already consumed
+
+    def __iter__(self) -> Iterator[LayerState]:
+        return iter(self.layers)
+
+    def __getitem__(self, i: int) -> LayerState:
+        return self.layers[i]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the real tensors held, split into conv and ssm state."""
+        out = {"conv": 0, "ssm": 0}
+        for layer in self.layers:
+            for name, t in layer.tensors().items():
+                out["conv" if name == "conv" else "ssm"] += t.numel() * t.element_size()
+        return out
+
+
+def float_layer_state(batch: int, conv_dim: int, d_conv: int, d: int, n: int,
+                      dtype: torch.dtype, device) -> LayerState:
+    return LayerState(
+        conv=torch.zeros(batch, conv_dim, d_conv - 1, dtype=dtype, device=device),
+        ssm=SSMState(torch.zeros(batch, d, n, dtype=torch.float32, device=device)),
+    )

@@ -1,0 +1,68 @@
+"""Small building blocks shared by both mixers: RMS norms and the causal depthwise conv.
+
+Shapes use the letters of `qmamba.models.scan`: b batch, l time, d channels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rms(x: Tensor, eps: float) -> Tensor:
+    """Weight-less RMS normalisation over the last dim, computed in float32."""
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as transformers' MambaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * rms(x, self.eps).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba2's norm: y * silu(z), then RMSNorm over groups of `group_size` channels
+    (group_size = d is transformers' MambaRMSNormGated, d / ngroups is mamba_ssm's RMSNormGated)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        dtype = y.dtype
+        y = y.float() * F.silu(z.float())                                   # (b, l, d)
+        shape = y.shape
+        y = rms(y.reshape(*shape[:-1], -1, self.group_size), self.eps).reshape(shape)
+        return self.weight * y.to(dtype)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], prev: Optional[Tensor] = None) -> Tensor:
+    """Depthwise causal conv over time. x (b, l, d); weight (d, 1, w); prev (b, d, w-1) holds the
+    inputs before x (zeros when None). Returns (b, l, d) in x's dtype."""
+    w = weight.shape[-1]
+    xt = x.transpose(1, 2)                                                  # (b, d, l)
+    xt = F.pad(xt, (w - 1, 0)) if prev is None else torch.cat([prev.to(xt.dtype), xt], dim=-1)
+    return F.conv1d(xt, weight.to(xt.dtype), None if bias is None else bias.to(xt.dtype),
+                    groups=xt.shape[1]).transpose(1, 2)
+
+
+def conv_tail(x: Tensor, w: int, prev: Optional[Tensor] = None) -> Tensor:
+    """The last w-1 inputs of the conv after x, i.e. the conv state to keep. x (b, l, d) -> (b, d, w-1)."""
+    xt = x.transpose(1, 2)
+    if prev is not None:
+        xt = torch.cat([prev.to(xt.dtype), xt], dim=-1)
+    if xt.shape[-1] < w - 1:
+        xt = F.pad(xt, (w - 1 - xt.shape[-1], 0))
+    return xt[..., xt.shape[-1] - (w - 1):].contiguous()

@@ -1,0 +1,136 @@
+"""The causal language model around either mixer: embedding, pre-norm residual blocks, final
+norm and (tied or untied) lm_head, with module names that match transformers' checkpoints
+(`backbone.embeddings`, `backbone.layers.{i}.norm|mixer`, `backbone.norm_f`, `lm_head`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .cache import InferenceCache
+from .config import ModelConfig
+from .layers import RMSNorm
+from .mamba1 import Mamba1Mixer
+from .mamba2 import Mamba2Mixer
+
+
+class Block(nn.Module):
+    """residual + mixer(norm(residual)), the residual stream kept in float32 if asked."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.residual_in_fp32 = cfg.residual_in_fp32
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = Mamba1Mixer(cfg) if cfg.arch == "mamba1" else Mamba2Mixer(cfg)
+
+    def _residual(self, hidden: Tensor) -> Tensor:
+        return hidden.float() if self.residual_in_fp32 else hidden
+
+    def forward(self, hidden: Tensor, state=None) -> Tensor:
+        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state)
+        return self._residual(hidden) + out
+
+    def step(self, hidden: Tensor, state) -> Tensor:
+        out = self.mixer.step(self.norm(hidden.to(self.norm.weight.dtype)), state)
+        return self._residual(hidden) + out
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class MambaLM(nn.Module):
+    """Mamba / Mamba2 causal LM. `forward` is the parallel path (prompts, training, evaluation),
+    `step` the recurrent one (decoding), both through an optional `InferenceCache`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    def mixers(self):
+        return [layer.mixer for layer in self.backbone.layers]
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def forward(self, input_ids: Tensor, cache: Optional[InferenceCache] = None,
+                return_hidden: bool = False) -> Tensor:
+        """input_ids (b, l) -> logits (b, l, vocab) in float32. A cache is read and advanced."""
+        hidden = self.backbone.embeddings(input_ids)                        # (b, l, d_model)
+        for i, layer in enumerate(self.backbone.layers):
+            hidden = layer(hidden, None if cache is None else cache[i])
+        if cache is not None:
+            cache.seqlen += input_ids.shape[1]
+        return hidden if return_hidden else self._head(hidden)
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
+        """One token per sequence. input_ids (b,) or (b, 1) -> logits (b, vocab) in float32."""
+        hidden = self.backbone.embeddings(input_ids.reshape(-1))            # (b, d_model)
+        for i, layer in enumerate(self.backbone.layers):
+            hidden = layer.step(hidden, cache[i])
+        cache.seqlen += 1
+        return self._head(hidden)
+
+    def allocate_cache(self, batch: int, device=None, dtype=None) -> InferenceCache:
+        p = self.backbone.embeddings.weight
+        device = device or p.device
+        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        return InferenceCache([m.allocate_state(batch, dtype, device) for m in self.mixers()])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def init_weights(model: MambaLM, seed: int = 0, dt_min: float = 1e-3, dt_max: float = 1e-1) -> MambaLM:
+    """The initialisation of mamba_ssm (S4D-real A, dt bias from a log-uniform dt, D = 1, linear
+    and embedding normal(0.02), out_proj rescaled by 1/sqrt(n_layer)) for training from scratch."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "D", "dt_bias")) or name.endswith("dt_proj.bias"):
+                continue
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for layer in model.layers:
+            m = layer.mixer
+            m.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+            nh = m.A_log.shape[0]
+            dt = torch.exp(torch.rand(nh, generator=g) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=1e-4)
+            inv_softplus = dt + torch.log(-torch.expm1(-dt))
+            if cfg.arch == "mamba1":
+                m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(nh, -1))
+                m.dt_proj.bias.copy_(inv_softplus)
+                std = cfg.dt_rank ** -0.5
+                m.dt_proj.weight.copy_((torch.rand(m.dt_proj.weight.shape, generator=g) * 2 - 1) * std)
+            else:
+                m.A_log.copy_(torch.log(torch.rand(nh, generator=g) * 15 + 1))
+                m.dt_bias.copy_(inv_softplus)
+            m.D.fill_(1.0)
+            if m.conv1d.bias is not None:
+                m.conv1d.bias.zero_()
+            bound = 1 / math.sqrt(m.conv1d.weight.shape[-1])
+            m.conv1d.weight.copy_((torch.rand(m.conv1d.weight.shape, generator=g) * 2 - 1) * bound)
+    return model

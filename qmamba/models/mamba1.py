@@ -1,0 +1,78 @@
+"""Mamba (Mamba1) mixer: selective SSM with per-channel A (d, n) and per-token B, C, dt.
+
+Parameter names follow transformers' MambaMixer and mamba_ssm's Mamba, so checkpoints of both
+load without renaming. Shapes use the glossary of `qmamba.models.scan` (here g = 1).
+Falcon-Mamba is this mixer plus a weight-less RMS norm of B, C and dt (`mixer_rms_eps`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import LayerState
+from .config import ModelConfig
+from .layers import causal_conv1d, conv_tail, rms
+from .mixer import MixerBase, conv_step
+from .scan import selective_scan, ssm_readout, ssm_update
+
+
+class Mamba1Mixer(MixerBase):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.d_inner, self.d_state, self.dt_rank = d, n, r
+        self.rms_eps = cfg.mixer_rms_eps
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(d, n))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+        self._init_quant_points()
+
+    def ssm_state_shape(self) -> tuple[int, int]:
+        return self.d_inner, self.d_state
+
+    def _ssm_inputs(self, x: Tensor):
+        """x after conv+silu (..., d) -> quantized x, dt, B, C with B, C (..., n)."""
+        x = self.quant_x(x)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.rms_eps is not None:
+            dt, B, C = (rms(t, self.rms_eps).to(x.dtype) for t in (dt, B, C))
+        dt = self.quant_dt(F.softplus(self.dt_proj(dt)))
+        return x, dt, self.quant_B(B), self.quant_C(C)
+
+    def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
+        """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                        # (b, l, d) each
+        prev = None if state is None else state.conv
+        if state is not None:
+            state.conv = conv_tail(x, self.conv1d.weight.shape[-1], prev).to(state.conv.dtype)
+        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, prev))
+        x, dt, B, C = self._ssm_inputs(x)                                   # B, C (b, l, n)
+        A = -torch.exp(self.A_log.float())                                  # (d, n)
+        if self.state_quant is None:
+            h0 = None if state is None else state.ssm.read()
+            y, h = selective_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.D.float(), h0)
+            if state is not None:
+                state.ssm.write(h)
+        else:
+            y, _ = self._quantized_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.D.float(), state)
+        y = y.to(hidden.dtype) * F.silu(self.quant_z(z))                    # (b, l, d)
+        return self.out_proj(y)
+
+    def step(self, hidden: Tensor, state: LayerState) -> Tensor:
+        """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model)."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                        # (b, d)
+        x, state.conv = conv_step(state.conv, x, self.conv1d.weight, self.conv1d.bias)
+        x, dt, B, C = self._ssm_inputs(F.silu(x))                           # B, C (b, n)
+        A = -torch.exp(self.A_log.float())
+        h = ssm_update(state.ssm.read(), x.float(), dt.float(), A, B.float().unsqueeze(1))
+        h = state.ssm.write(h)
+        y = ssm_readout(h, C.float().unsqueeze(1), x.float(), self.D.float())
+        return self.out_proj(y.to(hidden.dtype) * F.silu(self.quant_z(z)))

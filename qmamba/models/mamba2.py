@@ -1,0 +1,100 @@
+"""Mamba2 mixer: SSD with one scalar A per head, B and C shared by groups of heads, and a gated
+RMSNorm before out_proj.
+
+Parameter names follow transformers' Mamba2Mixer and mamba_ssm's Mamba2. Shapes use the
+glossary of `qmamba.models.scan`; the state (b, h, p, n) is handled as (b, d, n), d = h * p.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import LayerState
+from .config import ModelConfig
+from .layers import GatedRMSNorm, causal_conv1d, conv_tail
+from .mixer import MixerBase, conv_step
+from .scan import ssd_scan, ssm_readout, ssm_update
+
+
+class Mamba2Mixer(MixerBase):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n, g = cfg.d_inner, cfg.d_state, cfg.ngroups
+        self.d_inner, self.d_state, self.ngroups = d, n, g
+        self.nheads, self.headdim, self.chunk_size = cfg.nheads, cfg.headdim, cfg.chunk_size
+        self.dt_limit = cfg.dt_limit
+        conv_dim = cfg.conv_dim
+        self.in_proj = nn.Linear(cfg.d_model, d + conv_dim + self.nheads, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.d_conv, groups=conv_dim,
+                                padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(self.nheads))
+        self.A_log = nn.Parameter(torch.zeros(self.nheads))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm = GatedRMSNorm(d, cfg.norm_group_size, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+        self._init_quant_points()
+
+    def ssm_state_shape(self) -> tuple[int, int]:
+        return self.d_inner, self.d_state
+
+    def _split(self, zxbcdt: Tensor):
+        d, gn = self.d_inner, self.ngroups * self.d_state
+        return zxbcdt.split([d, d + 2 * gn, self.nheads], dim=-1)           # z, xBC, dt
+
+    def _ssm_inputs(self, xBC: Tensor, dt: Tensor):
+        """xBC after conv+silu (..., conv_dim), raw dt (..., h) -> quantized x (..., d),
+        dt (..., h) and B, C (..., g, n)."""
+        gn = self.ngroups * self.d_state
+        x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
+        B = self.quant_B(B).unflatten(-1, (self.ngroups, self.d_state))
+        C = self.quant_C(C).unflatten(-1, (self.ngroups, self.d_state))
+        return self.quant_x(x), self.quant_dt(dt), B, C
+
+    def _per_channel(self, t: Tensor) -> Tensor:
+        """Per-head values (..., h) -> per-channel (..., d)."""
+        return t.repeat_interleave(self.headdim, dim=-1)
+
+    def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
+        """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
+        b, length, _ = hidden.shape
+        z, xBC, dt = self._split(self.in_proj(hidden))
+        prev = None if state is None else state.conv
+        if state is not None:
+            state.conv = conv_tail(xBC, self.conv1d.weight.shape[-1], prev).to(state.conv.dtype)
+        xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, prev))
+        x, dt, B, C = self._ssm_inputs(xBC, dt)                             # B, C (b, l, g, n)
+        A = -torch.exp(self.A_log.float())                                  # (h,)
+        if self.state_quant is None:
+            h0 = None if state is None else state.ssm.read().view(b, self.nheads, self.headdim, -1)
+            y, h = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A, B, C,
+                            self.D.float(), self.chunk_size, h0)
+            y = y.flatten(-2)                                               # (b, l, d)
+            if state is not None:
+                state.ssm.write(h.flatten(1, 2))
+        else:
+            y, _ = self._quantized_scan(
+                x, self._per_channel(dt), self._per_channel(A)[:, None], B, C,
+                self._per_channel(self.D.float()), state)
+        y = self.norm(y.to(hidden.dtype), self.quant_z(z))
+        return self.out_proj(y)
+
+    def step(self, hidden: Tensor, state: LayerState) -> Tensor:
+        """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model)."""
+        z, xBC, dt = self._split(self.in_proj(hidden))
+        xBC, state.conv = conv_step(state.conv, xBC, self.conv1d.weight, self.conv1d.bias)
+        x, dt, B, C = self._ssm_inputs(F.silu(xBC), dt)                     # B, C (b, g, n)
+        A = -torch.exp(self.A_log.float())
+        x32 = x.float()
+        h = ssm_update(state.ssm.read(), x32, self._per_channel(dt.float()),
+                       self._per_channel(A)[:, None], B.float())
+        h = state.ssm.write(h)
+        y = ssm_readout(h, C.float(), x32, self._per_channel(self.D.float()))
+        return self.out_proj(self.norm(y.to(hidden.dtype), self.quant_z(z)))

@@ -1,0 +1,68 @@
+"""What both mixers share: the quantization points, the scan dispatch and the state allocation.
+
+A mixer computes the scan inputs x, dt, B, C (and the gate z) from its input with linear
+projections and a causal conv, runs the selective scan, and projects the gated output back. The
+points where `qmamba.quant` inserts quantizers are named here once:
+
+    quant_x, quant_B, quant_C, quant_dt, quant_z   activation quantizers of the scan inputs and
+                                                   the gate (nn.Identity until a method sets them)
+    in_proj, x_proj, dt_proj, out_proj             nn.Linear, swapped for quantized linears
+    state_quant                                    None (float state) or a state quantizer: the
+                                                   SSM state is then re-quantized after every token
+
+With a state quantizer the scan is the exact per-token quantized recurrence (it is non-linear, so
+there is no parallel form); everything else stays parallel over time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .cache import LayerState, SSMState
+from .scan import selective_scan_ref
+
+
+class MixerBase(nn.Module):
+    QUANT_POINTS = ("quant_x", "quant_B", "quant_C", "quant_dt", "quant_z")
+
+    def _init_quant_points(self):
+        for name in self.QUANT_POINTS:
+            setattr(self, name, nn.Identity())
+        self.state_quant: Optional[nn.Module] = None
+        # "exact" = the per-token quantized recurrence; ESR installs simulations while training
+        self.state_sim: Optional[nn.Module] = None
+
+    def _quantized_scan(self, x, dt, A, B, C, D, state: Optional[LayerState]):
+        """Per-channel shapes of `selective_scan_ref`. With a state (prompt into a cache) every
+        token's state is written into the cache's store, otherwise through the fake quantizer."""
+        if self.state_sim is not None and self.training:
+            return self.state_sim(x, dt, A, B, C, D, None if state is None else state.ssm.read())
+        if state is not None:
+            return selective_scan_ref(x, dt, A, B, C, D, state.ssm.read(), state.ssm.write)
+        return selective_scan_ref(x, dt, A, B, C, D, None, self.state_quant)
+
+    def ssm_state_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def allocate_state(self, batch: int, dtype: torch.dtype, device) -> LayerState:
+        d, n = self.ssm_state_shape()
+        conv = torch.zeros(batch, self.conv1d.weight.shape[0], self.conv1d.weight.shape[-1] - 1,
+                           dtype=dtype, device=device)
+        if self.state_quant is not None:
+            ssm = self.state_quant.allocate(batch, device)
+        else:
+            ssm = SSMState(torch.zeros(batch, d, n, dtype=torch.float32, device=device))
+        return LayerState(conv=conv, ssm=ssm)
+
+
+def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """One token of the depthwise causal conv. conv_state (b, d, w-1); x (b, d); weight (d, 1, w).
+    Returns the conv output (b, d) and the new conv state."""
+    window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)   # (b, d, w)
+    out = (window * weight[:, 0, :].to(x.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out, window[..., 1:].to(conv_state.dtype)

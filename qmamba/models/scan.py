@@ -1,0 +1,303 @@
+"""Selective scans: the SSM recurrence of Mamba and Mamba2, computed three ways.
+
+References: Mamba (Gu & Dao 2023, Algorithm 2), Mamba-2 / SSD (Dao & Gu 2024, Listing 1,
+`mamba_ssm/modules/ssd_minimal.py`), `selective_scan_ref` in `mamba_ssm/ops/selective_scan_interface.py`.
+
+Glossary of dimension letters used in every shape comment of this package:
+    b  batch                    l  sequence length (time)
+    d  SSM channels             n  state size (d_state)
+    h  heads (Mamba2)           p  head dim (Mamba2); d = h * p
+    g  groups sharing B and C   (Mamba1: g = 1, Mamba2: n_groups)
+    c  chunks                   k  positions within a chunk (chunk length)
+
+The recurrence, for every channel and state index (ZOH for A, Euler for B, as in mamba_ssm):
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t * B_t          state  (b, d, n)
+    y_t = <h_t, C_t>_n + D * x_t                               output (b, d)
+
+Mamba1: A is (d, n), dt is per channel. Mamba2: A is one scalar per head, dt is per head, and the
+state (b, h, p, n) is the same thing as (b, d, n) with d = h * p. Channels are split into g equal
+groups that share B and C, so one sequential reference and one token step serve both families.
+
+Three ways of computing it:
+  * `selective_scan_ref`  exact sequential loop over time; the oracle of the tests, and, with a
+                          `state_fn` that quantizes the state after every update, the exact
+                          quantized recurrence used by every quantized evaluation;
+  * `selective_scan`      Mamba1 parallel path: a chunked linear scan (`linear_scan`) over the
+                          discretised (b, l, d, n) tensors, with its own backward;
+  * `ssd_scan`            Mamba2 parallel path: the chunked SSD algorithm (ssd_minimal).
+and `ssm_step`, one token of the recurrence for decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+StateFn = Callable[[Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Generic linear recurrence h_t = a_t * h_{t-1} + u_t, chunked, with an exact backward.
+# --------------------------------------------------------------------------------------------
+
+def linear_scan_ref(a: Tensor, u: Tensor, h0: Optional[Tensor] = None) -> Tensor:
+    """Sequential reference of `linear_scan`. a: broadcastable to u (b, l, *s); returns (b, l, *s)."""
+    a = a.expand_as(u)
+    h = torch.zeros_like(u[:, 0]) if h0 is None else h0.to(u.dtype)
+    out = []
+    for t in range(u.shape[1]):
+        h = a[:, t] * h + u[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def chunk_len(length: int) -> int:
+    """Chunk length k ~ sqrt(l): k loop iterations inside chunks plus l/k across chunks."""
+    return max(1, 2 ** round(math.log2(max(1.0, math.sqrt(length)))))
+
+
+def to_chunks(t: Tensor, k: int, fill: float = 0.0) -> Tensor:
+    """(b, l, *s) -> chunk-major (k, b, c, *s), padding time with `fill` to a multiple of k."""
+    b, length = t.shape[:2]
+    pad = (-length) % k
+    if pad:
+        t = torch.cat([t, t.new_full((b, pad) + t.shape[2:], fill)], dim=1)
+    return t.reshape((b, -1, k) + t.shape[2:]).movedim(2, 0)
+
+
+def from_chunks(t: Tensor, length: int) -> Tensor:
+    """Chunk-major (k, b, c, *s) -> (b, l, *s), dropping padded steps."""
+    k, b, c = t.shape[:3]
+    return t.movedim(0, 2).reshape((b, c * k) + t.shape[3:])[:, :length]
+
+
+def _scan_chunked(a: Tensor, u: Tensor, h0: Optional[Tensor], reverse: bool = False) -> Tensor:
+    """h = a * h_prev + u over chunk-major tensors (k, b, c, *s), in time order or reversed.
+
+    1. scan all chunks at once, position by position (k steps), from a zero state, keeping the
+       cumulative decay; 2. carry the state from chunk to chunk (c steps); 3. add the decayed
+       entering state everywhere. Every slice t[j] is contiguous, so each step streams memory.
+    """
+    k, c = u.shape[0], u.shape[2]
+    order = list(range(k))[::-1] if reverse else list(range(k))
+    hs = torch.empty_like(u)
+    decay = torch.empty(torch.broadcast_shapes(a.shape, u.shape), dtype=u.dtype, device=u.device)
+    hs[order[0]] = u[order[0]]
+    decay[order[0]] = a[order[0]]
+    for prev, j in zip(order[:-1], order[1:]):
+        torch.addcmul(u[j], a[j], hs[prev], out=hs[j])
+        torch.mul(a[j], decay[prev], out=decay[j])
+    last = order[-1]
+    start = torch.empty_like(hs[0])                                          # (b, c, *s)
+    h = torch.zeros_like(hs[0, :, 0]) if h0 is None else h0.to(u.dtype).expand_as(hs[0, :, 0])
+    for i in (range(c - 1, -1, -1) if reverse else range(c)):
+        start[:, i] = h
+        h = torch.addcmul(hs[last, :, i], decay[last, :, i], h)
+    hs.addcmul_(decay, start.unsqueeze(0))
+    return hs
+
+
+class ChunkedLinearScan(torch.autograd.Function):
+    """All states of h_t = a_t * h_{t-1} + u_t on chunk-major tensors (k, b, c, *s), with the
+    exact backward (itself a linear scan, run backwards in time). `a` may broadcast over *s."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, u: Tensor, h0: Optional[Tensor]):
+        hs = _scan_chunked(a, u, h0)
+        ctx.save_for_backward(a, hs, h0)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs: Tensor):
+        a, hs, h0 = ctx.saved_tensors
+        # dL/dh_t = G_t + a_{t+1} dL/dh_{t+1}: coefficients shifted one step forward in time
+        a_next = torch.empty_like(a)
+        a_next[:-1] = a[1:]
+        a_next[-1, :, :-1] = a[0, :, 1:]
+        a_next[-1, :, -1] = 0
+        g = _scan_chunked(a_next, grad_hs.contiguous(), None, reverse=True)
+        # dL/da_t = g_t * h_{t-1}
+        grad_a = torch.empty_like(g)
+        torch.mul(g[1:], hs[:-1], out=grad_a[1:])
+        torch.mul(g[0, :, 1:], hs[-1, :, :-1], out=grad_a[0, :, 1:])
+        if h0 is None:
+            grad_a[0, :, 0] = 0
+        else:
+            torch.mul(g[0, :, 0], h0, out=grad_a[0, :, 0])
+        dims = [i for i, (sa, sg) in enumerate(zip(a.shape, grad_a.shape)) if sa == 1 and sg != 1]
+        if dims:
+            grad_a = grad_a.sum(dim=dims, keepdim=True)
+        grad_h0 = a[0, :, 0] * g[0, :, 0] if h0 is not None else None
+        if grad_h0 is not None and grad_h0.shape != h0.shape:
+            grad_h0 = grad_h0.sum_to_size(h0.shape)
+        return grad_a, g, grad_h0
+
+
+def linear_scan(a: Tensor, u: Tensor, h0: Optional[Tensor] = None) -> Tensor:
+    """All states of h_t = a_t * h_{t-1} + u_t (time = dim 1), chunked and differentiable.
+
+    a: broadcastable to u; u: (b, l, *s); h0: (b, *s) or None (zeros). Returns (b, l, *s).
+    """
+    if a.dim() != u.dim():
+        raise ValueError("linear_scan: a and u must have the same number of dimensions")
+    length = u.shape[1]
+    k = chunk_len(length)
+    a = to_chunks(a.expand(u.shape[:2] + a.shape[2:]), k, fill=1.0).contiguous()
+    hs = ChunkedLinearScan.apply(a, to_chunks(u, k).contiguous(), h0)
+    return from_chunks(hs, length)
+
+
+# --------------------------------------------------------------------------------------------
+# Selective SSM: one token step and the exact sequential reference (both families).
+# --------------------------------------------------------------------------------------------
+
+def _per_channel(t: Tensor, d: int) -> Tensor:
+    """Broadcast a per-group tensor (..., g, n) to per-channel (..., d, n) as a view when possible."""
+    g = t.shape[-2]
+    return t.unsqueeze(-2).expand(*t.shape[:-1], d // g, t.shape[-1]).reshape(*t.shape[:-2], d, t.shape[-1])
+
+
+def ssm_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t for one token.
+    state (b, d, n); x, dt (b, d); A (d, n) or (d, 1); B (b, g, n). Returns (b, d, n)."""
+    d = x.shape[-1]
+    dA = torch.exp(dt.unsqueeze(-1) * A)                                   # (b, d, n|1)
+    return dA * state + (dt * x).unsqueeze(-1) * _per_channel(B, d)        # (b, d, n)
+
+
+def ssm_readout(state: Tensor, C: Tensor, x: Tensor, D: Optional[Tensor]) -> Tensor:
+    """y_t = <h_t, C_t>_n + D x_t. state (b, d, n); C (b, g, n); x (b, d). Returns (b, d)."""
+    y = (state * _per_channel(C, x.shape[-1])).sum(-1)                     # (b, d)
+    return y if D is None else y + D * x
+
+
+def ssm_step(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    state_fn: Optional[StateFn] = None,
+) -> tuple[Tensor, Tensor]:
+    """One token: update the state, pass it through `state_fn` (what storing it does to it),
+    read out. Shapes as `ssm_update` / `ssm_readout`. Returns y (b, d) and the new state."""
+    state = ssm_update(state, x, dt, A, B)
+    if state_fn is not None:
+        state = state_fn(state)
+    return ssm_readout(state, C, x, D), state
+
+
+def selective_scan_ref(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    h0: Optional[Tensor] = None, state_fn: Optional[StateFn] = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact sequential scan: the oracle, and with `state_fn` the exact quantized recurrence.
+
+    x, dt (b, l, d); A (d, n) or (d, 1); B, C (b, l, g, n); D (d,) or None; h0 (b, d, n).
+    `state_fn(h)` is applied to the state after every update (e.g. quantize-dequantize), so the
+    next token sees exactly what a stored state would give it. Computed in float32.
+    Returns y (b, l, d), h_l (b, d, n).
+    """
+    b, length, d = x.shape
+    h = x.new_zeros((b, d, B.shape[-1]), dtype=torch.float32) if h0 is None else h0.float()
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    ys = []
+    for t in range(length):
+        y, h = ssm_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], None, state_fn)
+        ys.append(y)
+    y = torch.stack(ys, dim=1)                                              # (b, l, d)
+    if D is not None:
+        y = y + D * x
+    return y, h
+
+
+# --------------------------------------------------------------------------------------------
+# Mamba1 parallel path.
+# --------------------------------------------------------------------------------------------
+
+def selective_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    h0: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Mamba1 selective scan, parallel: the discretised (k, b, c, d, n) tensors are built directly
+    in chunk-major layout and run through `ChunkedLinearScan`. Shapes as `selective_scan_ref`
+    with g = 1. Returns y (b, l, d) and the final state h_l (b, d, n)."""
+    length = x.shape[1]
+    k = chunk_len(length)
+    xc, dtc = to_chunks(x.float(), k), to_chunks(dt.float(), k)             # (k, b, c, d); dt = 0 on padding
+    Bc, Cc = to_chunks(B[:, :, 0].float(), k), to_chunks(C[:, :, 0].float(), k)  # (k, b, c, n)
+    # einsum rather than broadcast products: their backward reduces without a (k, b, c, d, n) temporary
+    dA = torch.exp(torch.einsum("kbcd,dn->kbcdn", dtc, A))                   # (k, b, c, d, n); 1 on padding
+    dBx = torch.einsum("kbcd,kbcn->kbcdn", dtc * xc, Bc)                     # (k, b, c, d, n); 0 on padding
+    hs = ChunkedLinearScan.apply(dA, dBx, h0.float() if h0 is not None else None)
+    y = from_chunks(torch.einsum("kbcdn,kbcn->kbcd", hs, Cc), length)        # (b, l, d)
+    if D is not None:
+        y = y + D * x.float()
+    return y, hs[-1, :, -1]
+
+
+# --------------------------------------------------------------------------------------------
+# Mamba2 parallel path: chunked SSD (state space duality), as ssd_minimal.py.
+# --------------------------------------------------------------------------------------------
+
+def segsum(x: Tensor) -> Tensor:
+    """Stable segment sum: out[..., i, j] = sum_{j < m <= i} x[..., m] for j <= i, -inf above.
+    x (..., k) -> (..., k, k)."""
+    k = x.shape[-1]
+    x = x.unsqueeze(-1).expand(*x.shape, k)                                 # (..., k, k)
+    below = torch.tril(torch.ones(k, k, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~below, 0)
+    out = torch.cumsum(x, dim=-2)
+    on_or_below = torch.tril(torch.ones(k, k, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~on_or_below, -torch.inf)
+
+
+def ssd_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+    chunk_size: int, h0: Optional[Tensor] = None, return_chunk_states: bool = False,
+):
+    """Chunked SSD. x (b, l, h, p); dt (b, l, h) (already softplus'ed and clamped); A (h,);
+    B, C (b, l, g, n); D (h,) or None; h0 (b, h, p, n). Returns y (b, l, h, p) and the final state
+    (b, h, p, n); with `return_chunk_states` also the states entering every chunk (b, c, h, p, n)."""
+    b, length, nh, p = x.shape
+    g = B.shape[2]
+    pad = (-length) % chunk_size
+    x_in = x
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    if pad:
+        # zero dt on padded steps: no decay and no input, the final state is unchanged
+        x, dt, B, C = (F.pad(t, (0,) * (2 * (t.dim() - 2)) + (0, pad)) for t in (x, dt, B, C))
+    c = x.shape[1] // chunk_size
+    B = B.repeat_interleave(nh // g, dim=2)                                 # (b, l, h, n)
+    C = C.repeat_interleave(nh // g, dim=2)                                 # (b, l, h, n)
+    X = (x * dt.unsqueeze(-1)).reshape(b, c, chunk_size, nh, p)             # (b, c, k, h, p)
+    Adt = (A * dt).reshape(b, c, chunk_size, nh).permute(0, 3, 1, 2)         # (b, h, c, k)
+    B = B.reshape(b, c, chunk_size, nh, -1)                                 # (b, c, k, h, n)
+    C = C.reshape(b, c, chunk_size, nh, -1)                                 # (b, c, k, h, n)
+    A_cumsum = torch.cumsum(Adt, dim=-1)                                    # (b, h, c, k)
+
+    # 1. intra-chunk outputs (diagonal blocks)
+    L = torch.exp(segsum(Adt))                                              # (b, h, c, k, k)
+    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, X)
+    # 2. state at the end of each chunk from its own inputs (right factor of off-diagonal blocks)
+    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)                 # (b, h, c, k)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)     # (b, c, h, p, n)
+    # 3. inter-chunk recurrence: the states entering each chunk
+    if h0 is None:
+        h0 = torch.zeros_like(states[:, :1])
+    else:
+        h0 = h0.float().unsqueeze(1)
+    states = torch.cat([h0, states], dim=1)                                 # (b, c+1, h, p, n)
+    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))       # (b, h, c+1, c+1)
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)      # (b, c+1, h, p, n)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+    # 4. state -> output inside each chunk (left factor of off-diagonal blocks)
+    state_decay_out = torch.exp(A_cumsum)                                   # (b, h, c, k)
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, state_decay_out)
+    y = (Y_diag + Y_off).reshape(b, c * chunk_size, nh, p)[:, :length]      # (b, l, h, p)
+    if D is not None:
+        y = y + D[:, None] * x_in.float()
+    if return_chunk_states:
+        return y, final_state, states
+    return y, final_state
