@@ -100,7 +100,7 @@ class ModelConfig:
             common.update(
                 model_type="mamba2", architectures=["Mamba2ForCausalLM"], num_heads=self.nheads,
                 head_dim=self.headdim, n_groups=self.ngroups, chunk_size=self.chunk_size,
-                time_step_limit=[_json_float(v) for v in self.dt_limit], rms_norm=True,
+                time_step_limit=list(self.dt_limit), rms_norm=True,  # bare Infinity, as 4.x writes
             )
             if self.norm_group_size != self.d_inner:
                 common["qmamba_norm_group_size"] = self.norm_group_size
