@@ -59,11 +59,11 @@ def tokenize_file(path: Path, cache: Path) -> np.ndarray:
     return arr
 
 
-def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float = 0.1) -> float:
+def lr_at(progress: float, step: int, warmup: int, lr: float, min_ratio: float = 0.05) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` * lr at progress 1."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -94,8 +94,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--est-steps", type=int, default=0,
-                    help="schedule length in steps (0: estimated from the speed of the first steps)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="fixed schedule length in steps (reproducible); 0: follow the --minutes budget")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
@@ -119,7 +119,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(args.seed)
-    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val": float("inf"), "total": args.est_steps}
+    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val": float("inf")}
     ckpt_path = args.out / "ckpt.pt"
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
@@ -145,15 +145,13 @@ def main(argv=None):
                     "config": cfg.to_dict(), "args": vars(args) | {"out": str(args.out)}}, tmp)
         os.replace(tmp, ckpt_path)
 
-    while state["elapsed"] < budget:
+    while (state["step"] < args.steps) if args.steps else (state["elapsed"] < budget):
         step = state["step"]
-        if not state["total"] and step == 20:
-            per_step = state["elapsed"] / 20
-            state["total"] = int(budget / per_step)
-            print(f"{per_step:.2f} s/step -> schedule of {state['total']} steps", flush=True)
-        total = state["total"] or 10 ** 9
+        # the schedule follows the wall-time budget, so the run anneals fully whatever the load
+        # of the machine; seed and data order are fixed, the step count is not
+        progress = state["elapsed"] / budget if not args.steps else step / args.steps
         for gr in opt.param_groups:
-            gr["lr"] = lr_at(step, total, args.warmup, args.lr)
+            gr["lr"] = lr_at(progress, step, args.warmup, args.lr)
         starts = rng.integers(0, len(train) - args.seqlen - 1, size=args.batch)
         batch = torch.stack([train[s:s + args.seqlen + 1] for s in starts]).long()
         logits = model(batch[:, :-1])
@@ -167,7 +165,8 @@ def main(argv=None):
         state["elapsed"] = time.time() - t_start
         rec = {"step": state["step"], "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"],
                "gnorm": round(gnorm, 3), "min": round(state["elapsed"] / 60, 2), "tokens": state["tokens"]}
-        if state["step"] % args.eval_every == 0 or state["elapsed"] >= budget:
+        done = (state["step"] >= args.steps) if args.steps else (state["elapsed"] >= budget)
+        if state["step"] % args.eval_every == 0 or done:
             vl = evaluate(model, val, 512, args.eval_windows)
             rec["val_loss"], rec["val_ppl"] = round(vl, 4), round(math.exp(vl), 2)
             if vl < state["best_val"]:

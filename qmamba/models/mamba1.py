@@ -50,9 +50,10 @@ class Mamba1Mixer(MixerBase):
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                        # (b, l, d) each
-        prev = None if state is None else state.conv
+        x = self.quant_conv(x)
+        prev = None if state is None else self.conv_read(state, x.dtype)
         if state is not None:
-            state.conv = conv_tail(x, self.conv1d.weight.shape[-1], prev).to(state.conv.dtype)
+            self.conv_write(state, conv_tail(x, self.conv1d.weight.shape[-1], prev))
         x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, prev))
         x, dt, B, C = self._ssm_inputs(x)                                   # B, C (b, l, n)
         A = -torch.exp(self.A_log.float())                                  # (d, n)
@@ -69,7 +70,8 @@ class Mamba1Mixer(MixerBase):
     def step(self, hidden: Tensor, state: LayerState) -> Tensor:
         """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                        # (b, d)
-        x, state.conv = conv_step(state.conv, x, self.conv1d.weight, self.conv1d.bias)
+        x, tail = conv_step(self.conv_read(state, x.dtype), self.quant_conv(x), self.conv1d.weight, self.conv1d.bias)
+        self.conv_write(state, tail)
         x, dt, B, C = self._ssm_inputs(F.silu(x))                           # B, C (b, n)
         A = -torch.exp(self.A_log.float())
         h = ssm_update(state.ssm.read(), x.float(), dt.float(), A, B.float().unsqueeze(1))

@@ -66,9 +66,10 @@ class Mamba2Mixer(MixerBase):
         """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
         b, length, _ = hidden.shape
         z, xBC, dt = self._split(self.in_proj(hidden))
-        prev = None if state is None else state.conv
+        xBC = self.quant_conv(xBC)
+        prev = None if state is None else self.conv_read(state, xBC.dtype)
         if state is not None:
-            state.conv = conv_tail(xBC, self.conv1d.weight.shape[-1], prev).to(state.conv.dtype)
+            self.conv_write(state, conv_tail(xBC, self.conv1d.weight.shape[-1], prev))
         xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, prev))
         x, dt, B, C = self._ssm_inputs(xBC, dt)                             # B, C (b, l, g, n)
         A = -torch.exp(self.A_log.float())                                  # (h,)
@@ -89,7 +90,8 @@ class Mamba2Mixer(MixerBase):
     def step(self, hidden: Tensor, state: LayerState) -> Tensor:
         """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model)."""
         z, xBC, dt = self._split(self.in_proj(hidden))
-        xBC, state.conv = conv_step(state.conv, xBC, self.conv1d.weight, self.conv1d.bias)
+        xBC, tail = conv_step(self.conv_read(state, xBC.dtype), self.quant_conv(xBC), self.conv1d.weight, self.conv1d.bias)
+        self.conv_write(state, tail)
         x, dt, B, C = self._ssm_inputs(F.silu(xBC), dt)                     # B, C (b, g, n)
         A = -torch.exp(self.A_log.float())
         x32 = x.float()

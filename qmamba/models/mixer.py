@@ -4,6 +4,8 @@ A mixer computes the scan inputs x, dt, B, C (and the gate z) from its input wit
 projections and a causal conv, runs the selective scan, and projects the gated output back. The
 points where `qmamba.quant` inserts quantizers are named here once:
 
+    quant_conv                                     activation quantizer of the conv input (what
+                                                   the conv state stores)
     quant_x, quant_B, quant_C, quant_dt, quant_z   activation quantizers of the scan inputs and
                                                    the gate (nn.Identity until a method sets them)
     in_proj, x_proj, dt_proj, out_proj             nn.Linear, swapped for quantized linears
@@ -26,7 +28,7 @@ from .scan import selective_scan_ref
 
 
 class MixerBase(nn.Module):
-    QUANT_POINTS = ("quant_x", "quant_B", "quant_C", "quant_dt", "quant_z")
+    QUANT_POINTS = ("quant_conv", "quant_x", "quant_B", "quant_C", "quant_dt", "quant_z")
 
     def _init_quant_points(self):
         for name in self.QUANT_POINTS:
@@ -47,10 +49,30 @@ class MixerBase(nn.Module):
     def ssm_state_shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    # the conv state holds conv inputs; with a static A-bit quantizer there, it holds their codes
+    def _conv_int_scale(self) -> Optional[Tensor]:
+        q = self.quant_conv
+        if getattr(q, "mode", None) == "quant" and not q.dynamic and q.bits <= 8:
+            return q.scale.detach()
+        return None
+
+    def conv_read(self, state: LayerState, dtype) -> Tensor:
+        s = self._conv_int_scale()
+        if state.conv.dtype == torch.int8 and s is not None:
+            return (state.conv.float() * s).to(dtype)
+        return state.conv.to(dtype)
+
+    def conv_write(self, state: LayerState, tail: Tensor):
+        s = self._conv_int_scale()
+        if state.conv.dtype == torch.int8 and s is not None:
+            state.conv = torch.round(tail.float() / s).clamp(-127, 127).to(torch.int8)
+        else:
+            state.conv = tail.to(state.conv.dtype)
+
     def allocate_state(self, batch: int, dtype: torch.dtype, device) -> LayerState:
         d, n = self.ssm_state_shape()
         conv = torch.zeros(batch, self.conv1d.weight.shape[0], self.conv1d.weight.shape[-1] - 1,
-                           dtype=dtype, device=device)
+                           dtype=torch.int8 if self._conv_int_scale() is not None else dtype, device=device)
         if self.state_quant is not None:
             ssm = self.state_quant.allocate(batch, device)
         else:
@@ -65,4 +87,4 @@ def conv_step(conv_state: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     out = (window * weight[:, 0, :].to(x.dtype)).sum(-1)
     if bias is not None:
         out = out + bias.to(x.dtype)
-    return out, window[..., 1:].to(conv_state.dtype)
+    return out, window[..., 1:]

@@ -1,0 +1,54 @@
+"""`qmamba` command line: one sub-command per user verb, each in its own module of this package.
+
+A module registers itself in COMMANDS below with `add_parser(subparsers)`; the parser it adds
+sets `func` to the function that runs it. User mistakes raise `QMambaError` and end as one
+line on stderr with exit status 2 (argparse's own errors also exit 2); `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import QMambaError
+
+# verb modules, in the order of `qmamba --help`
+COMMANDS = ["eval", "generate"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="qmamba", description="Post-training quantization of Mamba and Mamba2 language models.")
+    parser.add_argument("--version", action="version", version=f"qmamba {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name.replace('-', '_')}").add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except QMambaError as e:
+        if args.debug:
+            raise
+        print(f"qmamba {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

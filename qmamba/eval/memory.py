@@ -1,0 +1,101 @@
+"""Memory as real bytes of real tensors: the model's weights (by dtype) and the recurrent cache
+(conv state and SSM state) that the model allocates for a batch, next to the same model and
+cache in FP16.
+
+Nothing here is computed from bit counts: weights are the tensors of the model's state dict
+(shared tensors counted once), states are the tensors `allocate_cache` returns (int8 / packed
+uint8 codes plus float16 scales for a quantized state). For shapes too big to allocate, build the
+model on the meta device: meta tensors carry shapes and dtypes, so the same code gives the bytes
+the model would allocate (reported with `"meta": true`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ..models.lm import MambaLM
+
+
+def _unique_tensors(model: torch.nn.Module):
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.device.type, t.data_ptr()) if t.device.type != "meta" else id(t)
+        if t.device.type != "meta" and t.data_ptr() == 0:
+            key = id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield name, t
+
+
+def weight_bytes(model: torch.nn.Module) -> dict:
+    """{"total": bytes, "by_dtype": {dtype: bytes}} over the model's state dict."""
+    by_dtype: dict[str, int] = defaultdict(int)
+    for _, t in _unique_tensors(model):
+        by_dtype[str(t.dtype).replace("torch.", "")] += t.numel() * t.element_size()
+    return {"total": sum(by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items()))}
+
+
+def fp16_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the same model with every floating-point weight in float16 (the FP16 reference);
+    a quantized linear counts as its float16 weight."""
+    total = 0
+    for name, t in _unique_tensors(model):
+        if name.endswith(".qweight"):
+            rows, cols = t.shape
+            total += rows * (cols * 2 if t.dtype == torch.uint8 else cols) * 2
+        elif name.endswith(".w_scale") or not t.is_floating_point():
+            continue
+        elif ".input_quant" in name or ".quant_" in name or ".state_quant" in name:
+            continue                     # quantizer parameters do not exist in the FP16 model
+        else:
+            total += t.numel() * 2
+    return total
+
+
+def state_bytes(model: MambaLM, batch: int, device=None) -> dict:
+    """Bytes of the cache `model` allocates for `batch` sequences: conv and SSM state."""
+    cache = model.allocate_cache(batch, device=device)
+    return cache.nbytes()
+
+
+def fp16_state_bytes(model: MambaLM, batch: int) -> dict:
+    """The FP16 reference cache: the same shapes, every state tensor in float16."""
+    cfg = model.config
+    d, n = cfg.d_inner, cfg.d_state
+    return {"conv": batch * cfg.conv_dim * (cfg.d_conv - 1) * 2 * cfg.n_layer,
+            "ssm": batch * d * n * 2 * cfg.n_layer}
+
+
+SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale")
+
+
+@torch.no_grad()
+def cast_float_weights(model: torch.nn.Module, dtype=torch.float16) -> torch.nn.Module:
+    """Cast the model's floating-point weights to `dtype` in place (as deployed), keeping
+    quantization scales in float32 and integer tensors as they are."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not name.endswith(SCALE_SUFFIXES):
+            t.data = t.data.to(dtype)
+    return model
+
+
+def memory_report(model: MambaLM, batches=(1,), device=None) -> dict:
+    """Weights and per-batch state, quantized (as allocated) and FP16 reference, with ratios."""
+    w = weight_bytes(model)
+    w16 = fp16_weight_bytes(model)
+    meta = next(model.parameters()).device.type == "meta"
+    out = {"meta": meta, "weights": {**w, "fp16": w16, "ratio": w["total"] / w16}, "batches": {}}
+    for b in batches:
+        s = state_bytes(model, b, device)
+        s16 = fp16_state_bytes(model, b)
+        tot, tot16 = w["total"] + s["conv"] + s["ssm"], w16 + s16["conv"] + s16["ssm"]
+        out["batches"][str(b)] = {
+            "state": {**s, "total": s["conv"] + s["ssm"]},
+            "state_fp16": {**s16, "total": s16["conv"] + s16["ssm"]},
+            "ssm_ratio": s["ssm"] / s16["ssm"],
+            "total": tot, "total_fp16": tot16, "total_ratio": tot / tot16,
+        }
+    return out

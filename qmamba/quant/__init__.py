@@ -1,0 +1,3 @@
+from .config import QuantConfig
+
+__all__ = ["QuantConfig"]

@@ -1,0 +1,88 @@
+"""Put quantizers into a model: activation quantizers at the mixers' quantization points,
+quantized linears (float weights until `quantize_weights`), and one state quantizer per layer.
+
+The order every method follows: transform the float model (smoothing, rotation) ->
+`install_quantizers` -> calibrate (`qmamba.quant.calibrate`) -> `quantize_weights` -> optionally
+reconstruct (ESR).
+"""
+
+from __future__ import annotations
+
+from ..models.mixer import MixerBase
+from .activation import ActQuantizer
+from .config import QuantConfig
+from .linear import QLinear
+from .state import StateQuantizer
+
+# Linear projections of each mixer, and the ones whose input is already quantized upstream
+# (Mamba1's x_proj reads the scan input x, quantized by quant_x).
+LINEARS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
+INPUT_SHARED = {("mamba1", "x_proj")}
+
+
+def mixers(model):
+    """(index, arch, mixer) for every layer."""
+    for i, layer in enumerate(model.backbone.layers):
+        yield i, model.config.arch, layer.mixer
+
+
+def _act(qcfg: QuantConfig, where: str, observer: str | None = None) -> ActQuantizer:
+    return ActQuantizer(qcfg.a_bits, dynamic=qcfg.a_dynamic, observer=observer or qcfg.a_observer,
+                        percentile=qcfg.a_percentile, where=where)
+
+
+def install_quantizers(model, qcfg: QuantConfig, observers: dict | None = None) -> None:
+    """Install (uncalibrated) quantizers for `qcfg` in place. `observers` maps a quantization
+    point name (e.g. "quant_x") to the observer it should use instead of the config's."""
+    if qcfg.state_quant is None or qcfg.state_scale is None:
+        raise ValueError("resolve the method's state quantizer defaults before installing")
+    observers = observers or {}
+    for i, arch, mixer in mixers(model):
+        prefix = f"backbone.layers.{i}.mixer"
+        if qcfg.a_bits is not None:
+            for point in MixerBase.QUANT_POINTS:
+                setattr(mixer, point, _act(qcfg, f"{prefix}.{point}", observers.get(point)))
+        if qcfg.a_bits is not None or qcfg.w_bits is not None:
+            for name in LINEARS[arch]:
+                lin = getattr(mixer, name)
+                if isinstance(lin, QLinear):
+                    continue
+                iq = None
+                if qcfg.a_bits is not None and (arch, name) not in INPUT_SHARED:
+                    iq = _act(qcfg, f"{prefix}.{name}.input", observers.get(name))
+                setattr(mixer, name, QLinear.from_linear(lin, None, input_quant=iq))
+        if qcfg.h_bits is not None:
+            d, n = mixer.ssm_state_shape()
+            mixer.state_quant = StateQuantizer(
+                qcfg.state_quant, qcfg.h_bits, d, n, headdim=getattr(mixer, "headdim", 1),
+                scale_mode=qcfg.state_scale, rounding=qcfg.state_rounding,
+                group_size=qcfg.state_group_size, seed=qcfg.seed * 7919 + i, where=prefix)
+
+
+def quantize_weights(model, qcfg: QuantConfig, clips: dict | None = None) -> None:
+    """Round every mixer linear's weights to `qcfg.w_bits` (round-to-nearest; `clips` maps a
+    module path to per-channel clip factors learned elsewhere)."""
+    if qcfg.w_bits is None:
+        return
+    clips = clips or {}
+    for i, arch, mixer in mixers(model):
+        for name in LINEARS[arch]:
+            lin = getattr(mixer, name)
+            if isinstance(lin, QLinear) and lin.w_bits is None:
+                lin.quantize_weights_(qcfg.w_bits, qcfg.w_group_size,
+                                      clips.get(f"backbone.layers.{i}.mixer.{name}"))
+
+
+def state_quantizers(model) -> list[StateQuantizer]:
+    return [m.state_quant for _, _, m in mixers(model) if m.state_quant is not None]
+
+
+def set_quant_mode(model, mode: str) -> None:
+    """'quant' | 'off' for every activation and state quantizer (e.g. 'off' for FP targets)."""
+    for m in model.modules():
+        if isinstance(m, (ActQuantizer, StateQuantizer)):
+            m.mode = mode
+
+
+def is_quantized(model) -> bool:
+    return any(isinstance(m, (QLinear, ActQuantizer, StateQuantizer)) for m in model.modules())

@@ -1,0 +1,114 @@
+"""Quantized linear layer: integer weights (int8, or int4 packed two per byte) with float32
+scales per output channel or per group along the input dim, an optional input (activation)
+quantizer, and a float bias.
+
+The simulated forward dequantizes the stored integers, so a model behaves the same before it is
+saved and after it is reloaded, bit for bit. Integer execution (int8 x int8 -> int32 products) is
+`qmamba.quant.intmm`'s job; it reads the same buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activation import ActQuantizer
+from .primitives import pack, quantize, symmetric_scale, to_groups, unpack
+
+
+def weight_scale(w: Tensor, bits: int, group_size: int = 0, clip: Optional[Tensor] = None) -> Tensor:
+    """Symmetric scales of a weight (out, in): (out, 1) per channel or (out, in / gs, 1) per group.
+    `clip` (same shape, in (0, 1]) shrinks the range (learnable weight clipping)."""
+    w = w.float()
+    amax = to_groups(w, group_size).abs().amax(-1, keepdim=True) if group_size else w.abs().amax(-1, keepdim=True)
+    if clip is not None:
+        amax = amax * clip
+    return symmetric_scale(amax, bits)
+
+
+def quantize_weight(w: Tensor, bits: int, group_size: int = 0, clip: Optional[Tensor] = None):
+    """Integer codes (out, in) int8 and scales for a weight."""
+    scale = weight_scale(w, bits, group_size, clip)
+    wg = to_groups(w.float(), group_size) if group_size else w.float()
+    q = quantize(wg, scale, bits)
+    return (q.flatten(-2) if group_size else q), scale
+
+
+def dequantize_weight(q: Tensor, scale: Tensor, group_size: int, dtype=torch.float32) -> Tensor:
+    if group_size:
+        return (to_groups(q.to(dtype), group_size) * scale.to(dtype)).flatten(-2)
+    return q.to(dtype) * scale.to(dtype)
+
+
+class QLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, w_bits: Optional[int],
+                 group_size: int = 0, input_quant: Optional[ActQuantizer] = None,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.group_size = w_bits, group_size
+        self.input_quant = input_quant if input_quant is not None else nn.Identity()
+        if w_bits is None:           # activation-only quantization (e.g. W16A8)
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        else:
+            cols = in_features // 2 if w_bits <= 4 else in_features
+            qdtype = torch.uint8 if w_bits <= 4 else torch.int8
+            self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=qdtype, device=device))
+            sshape = (out_features, in_features // group_size, 1) if group_size else (out_features, 1)
+            self.register_buffer("w_scale", torch.ones(sshape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, w_bits: Optional[int], group_size: int = 0,
+                    input_quant: Optional[ActQuantizer] = None, clip: Optional[Tensor] = None) -> "QLinear":
+        w = lin.weight.detach()
+        if w_bits is not None and group_size and w.shape[1] % group_size:
+            group_size = 0          # groups must tile the input dim; fall back to per channel
+        m = cls(w.shape[1], w.shape[0], lin.bias is not None, w_bits, group_size, input_quant,
+                dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            if w_bits is None:
+                m.weight.copy_(w)
+            else:
+                q, scale = quantize_weight(w, w_bits, group_size, clip)
+                m.qweight.copy_(pack(q, w_bits))
+                m.w_scale.copy_(scale)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias.detach())
+        return m
+
+    @torch.no_grad()
+    def quantize_weights_(self, w_bits: int, group_size: int = 0, clip: Optional[Tensor] = None) -> "QLinear":
+        """Replace the float weight by integer codes and scales, in place."""
+        if self.w_bits is not None:
+            raise ValueError("weights are already quantized")
+        w = self.weight.detach()
+        if group_size and w.shape[1] % group_size:
+            group_size = 0
+        q, scale = quantize_weight(w, w_bits, group_size, clip)
+        del self.weight
+        self.w_bits, self.group_size = w_bits, group_size
+        self.register_buffer("qweight", pack(q, w_bits))
+        self.register_buffer("w_scale", scale)
+        return self
+
+    def extra_repr(self) -> str:
+        w = "float" if self.w_bits is None else f"W{self.w_bits}" + (f" g{self.group_size}" if self.group_size else "")
+        return f"in={self.in_features}, out={self.out_features}, {w}, bias={self.bias is not None}"
+
+    def codes(self) -> Tensor:
+        """Weight codes (out, in) int8."""
+        return unpack(self.qweight, self.w_bits)
+
+    def dequantized_weight(self, dtype=torch.float32) -> Tensor:
+        if self.w_bits is None:
+            return self.weight.to(dtype)
+        return dequantize_weight(self.codes(), self.w_scale, self.group_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.input_quant(x)
+        w = self.dequantized_weight(torch.float32).to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

@@ -1,0 +1,288 @@
+"""Quantizers of the SSM state cache, and the cache that stores the state as integers.
+
+Shapes use the glossary of `qmamba.models.scan`: the state is h (b, d, n), d channels (Mamba2:
+h heads x p head dim) and n state indices. Every quantizer is symmetric with codes in
+[-qmax, qmax], and differs only in how its scale is shared:
+
+    tensor   s            one scale per layer (static) or per sequence (dynamic)
+    channel  s[d]         per channel, shared along the state axis
+    state    s[n]         per state index, shared along the channels
+    head     s[h]         per head of p channels (Mamba1: p = 1, same as channel)
+    group    s[d, n/gs]   per channel and group of gs state indices
+    dsq      s_c[d] * s_n[n]   Decoupled Scale Quantization (Q-Mamba): a static state-axis scale
+                              s_n from calibration (refined by ESR) times a channel scale s_c,
+                              computed at every write (dynamic) or fixed (static)
+
+"dynamic" scales are computed from the state at every write and stored beside the codes as
+float16 (the fake quantizer rounds them to float16 too, so simulated and stored states agree
+exactly); "static" scales come from calibration and cost nothing per write. Writes round to
+nearest or stochastically (floor(v + U[0, 1)), seeded), which keeps small updates alive with
+static scales (see ../shared/docs/method.md).
+
+Semantics (every metric): the state is re-quantized after every token; `forward(h)` is that
+quantize-dequantize, `QuantizedSSMState` is the real integer cache with the same numerics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import QMambaError
+from ..models.cache import SSMState
+from .primitives import EPS, pack, qrange, unpack
+
+CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
+DSQ_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+MAX_SAMPLES = 64            # calibration state snapshots kept per layer for scale search
+SAMPLE_BUDGET = 1 << 23     # ... and at most this many floats of them
+
+
+def _fp16_scale(s: Tensor) -> Tensor:
+    """Round a dynamic scale to what float16 storage keeps (never to zero, never to inf)."""
+    return s.clamp(2.0 ** -24, 65504.0).half().float()
+
+
+class StateQuantizer(nn.Module):
+    """Quantizer of one layer's SSM state (b, d, n); `forward` fake-quantizes (the state_fn of the
+    exact recurrence), `quantize`/`dequantize` give and take integer codes and per-write scales."""
+
+    def __init__(self, kind: str, bits: int, d: int, n: int, headdim: int = 1,
+                 scale_mode: str = "dynamic", rounding: str = "nearest", group_size: int = 8,
+                 seed: int = 0, where: str = ""):
+        super().__init__()
+        if kind == "group" and n % group_size:
+            raise QMambaError(f"state group size {group_size} does not divide d_state {n}")
+        if kind == "head" and d % headdim:
+            raise QMambaError(f"head dim {headdim} does not divide {d} channels")
+        self.kind, self.bits, self.d, self.n = kind, bits, d, n
+        self.headdim = headdim if kind == "head" else 1
+        self.scale_mode, self.rounding, self.group_size, self.where = scale_mode, rounding, group_size, where
+        self.qmax = qrange(bits)[1]
+        self.mode = "quant"
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None
+        # calibrated |h| maxima over all tokens: the source of every static scale
+        self.register_buffer("amax", torch.zeros(d, n), persistent=False)
+        # DSQ state-axis scale (learnable by ESR; geometric mean 1) and the static scale, whose
+        # shape depends on the kind (see `_static_shape`); a clip factor shrinks static ranges
+        self.s_n = nn.Parameter(torch.ones(n), requires_grad=False)
+        self.static_scale = nn.Parameter(torch.ones(self._static_shape()), requires_grad=False)
+        self._samples: list[Tensor] = []
+        self._seen = 0
+
+    def extra_repr(self) -> str:
+        return f"H{self.bits} {self.kind}, {self.scale_mode} scales, {self.rounding} rounding"
+
+    # ---------------------------------------------------------------- scale layout
+    def _static_shape(self) -> tuple:
+        d, n = self.d, self.n
+        return {
+            "tensor": (1, 1), "channel": (d, 1), "state": (1, n), "head": (d // self.headdim, 1, 1),
+            "group": (d, n // self.group_size, 1), "dsq": (d, 1),
+        }[self.kind]
+
+    def dynamic_shape(self, batch: int) -> tuple:
+        """Shape of the per-write scales stored for a batch (empty when scales are static)."""
+        if self.scale_mode == "static":
+            return (batch, 0)
+        d, n = self.d, self.n
+        return {
+            "tensor": (batch, 1, 1), "channel": (batch, d, 1), "state": (batch, 1, n),
+            "head": (batch, d // self.headdim, 1, 1), "group": (batch, d, n // self.group_size, 1),
+            "dsq": (batch, d, 1),
+        }[self.kind]
+
+    def _view(self, h: Tensor) -> Tensor:
+        """h (b, d, n) in the layout its scale broadcasts against."""
+        if self.kind == "head":
+            return h.unflatten(1, (self.d // self.headdim, self.headdim))  # (b, h, p, n)
+        if self.kind == "group":
+            return h.unflatten(2, (self.n // self.group_size, self.group_size))  # (b, d, n/gs, gs)
+        if self.kind == "dsq":
+            return h / self.s_n                                             # (b, d, n), s_n divided out
+        return h
+
+    def _unview(self, v: Tensor) -> Tensor:
+        if self.kind == "head":
+            return v.flatten(1, 2)
+        if self.kind == "group":
+            return v.flatten(2, 3)
+        if self.kind == "dsq":
+            return v * self.s_n
+        return v
+
+    def _reduce_dims(self) -> tuple:
+        """Dims of the viewed state that share one scale (excluding batch)."""
+        return {"tensor": (1, 2), "channel": (2,), "state": (1,), "head": (2, 3), "group": (3,),
+                "dsq": (2,)}[self.kind]
+
+    def dynamic_scale(self, h: Tensor) -> Tensor:
+        """Per-write scale of h (b, d, n), rounded to float16 as stored."""
+        amax = self._view(h).abs().amax(dim=self._reduce_dims(), keepdim=True)
+        return _fp16_scale(amax / self.qmax)
+
+    def scale_for(self, h: Tensor) -> Tensor:
+        """The scale of the viewed state: per-write or static."""
+        if self.scale_mode == "dynamic":
+            return self.dynamic_scale(h)
+        return self.static_scale.clamp(min=EPS)
+
+    # ---------------------------------------------------------------- quantize / dequantize
+    def _round(self, v: Tensor) -> Tensor:
+        if self.rounding == "stochastic":
+            if self.generator is None or self.generator.device != v.device:
+                self.generator = torch.Generator(device=v.device).manual_seed(self.seed)
+            return torch.floor(v + torch.rand(v.shape, generator=self.generator, device=v.device))
+        return torch.round(v)
+
+    def quantize(self, h: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """h (b, d, n) float -> codes (b, d, n) int8 and the per-write scale (None if static)."""
+        scale = self.scale_for(h)
+        v = self._round(self._view(h.float()) / scale).clamp(-self.qmax, self.qmax)
+        return self._unview_codes(v).to(torch.int8), (scale if self.scale_mode == "dynamic" else None)
+
+    def _unview_codes(self, v: Tensor) -> Tensor:
+        if self.kind == "head":
+            return v.flatten(1, 2)
+        if self.kind == "group":
+            return v.flatten(2, 3)
+        return v
+
+    def dequantize(self, codes: Tensor, scale: Optional[Tensor]) -> Tensor:
+        s = self.static_scale.clamp(min=EPS) if scale is None else scale.float()
+        v = codes.float()
+        if self.kind == "head":
+            v = v.unflatten(1, (self.d // self.headdim, self.headdim))
+        elif self.kind == "group":
+            v = v.unflatten(2, (self.n // self.group_size, self.group_size))
+        return self._unview(v * s)
+
+    def fake_quant(self, h: Tensor) -> Tensor:
+        """quantize -> dequantize, differentiable (straight-through) for reconstruction."""
+        scale = self.scale_for(h)
+        v = self._view(h.float()) / scale
+        q = self._round(v.detach()).clamp(-self.qmax, self.qmax)
+        if v.requires_grad:     # straight-through inside the range; exactly q in value
+            q = q + (v - v.detach()) * (v.detach().abs() <= self.qmax)
+        return self._unview(q * scale)
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.mode == "observe":
+            self.observe(h)
+            return h
+        if self.mode == "off":
+            return h
+        return self.fake_quant(h)
+
+    # ---------------------------------------------------------------- the integer cache
+    def allocate(self, batch: int, device=None) -> "QuantizedSSMState":
+        return QuantizedSSMState(self, batch, device if device is not None else self.amax.device)
+
+    # ---------------------------------------------------------------- calibration
+    @torch.no_grad()
+    def observe(self, h: Tensor):
+        if not torch.isfinite(h).all():
+            raise QMambaError(f"non-finite SSM state (NaN or inf) at {self.where or 'a layer'} during calibration")
+        a = h.detach().abs().float()
+        self.amax.copy_(torch.maximum(self.amax, a.amax(0)))
+        # reservoir sample of single-sequence states for the clipping search (seeded)
+        per = self.d * self.n
+        cap = max(1, min(MAX_SAMPLES, SAMPLE_BUDGET // per))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._seen)
+        for i in range(h.shape[0]):
+            self._seen += 1
+            if len(self._samples) < cap:
+                self._samples.append(h[i].detach().float().cpu().clone())
+            else:
+                j = int(torch.randint(0, self._seen, (1,), generator=g))
+                if j < cap:
+                    self._samples[j] = h[i].detach().float().cpu().clone()
+
+    def _static_from(self, amax: Tensor) -> Tensor:
+        """Static (unclipped) scale of the viewed state from the amax map (d, n)."""
+        v = self._view(amax.unsqueeze(0))[0]
+        dims = tuple(d - 1 for d in self._reduce_dims())
+        return v.amax(dim=dims, keepdim=True) / self.qmax
+
+    @torch.no_grad()
+    def _error(self, samples: Tensor) -> float:
+        """Relative squared error of fake-quantizing the samples (b, d, n) with current scales."""
+        q = self.fake_quant(samples)
+        return ((q - samples).pow(2).sum() / samples.pow(2).sum().clamp(min=EPS)).item()
+
+    @torch.no_grad()
+    def finish_calibration(self):
+        """Static scales from the calibration maxima; for DSQ the state-axis exponent and, with
+        static channel scales, the clipping factor are chosen by the error on the samples."""
+        if self.amax.max() <= 0:
+            raise QMambaError(f"the SSM state at {self.where or 'a layer'} was never observed or is all zero")
+        samples = torch.stack(self._samples).to(self.amax.device) if self._samples else None
+        amax = self.amax.clamp(min=EPS)
+        self.mode = "quant"
+        if self.kind == "dsq":
+            col = amax.amax(0)                                               # (n,) max over channels
+            best = None
+            for alpha in DSQ_ALPHA_GRID:
+                s_n = col.pow(alpha)
+                self.s_n.copy_(s_n / s_n.log().mean().exp())                # geometric mean 1
+                err = self._fit_static(amax, samples)
+                if best is None or err < best[0]:
+                    best = (err, alpha, self.s_n.clone(), self.static_scale.clone())
+            _, self.dsq_alpha, s_n, static = best
+            self.s_n.copy_(s_n)
+            self.static_scale.copy_(static)
+        else:
+            self._fit_static(amax, samples)
+        self._samples, self._seen = [], 0
+
+    def _fit_static(self, amax: Tensor, samples: Optional[Tensor]) -> float:
+        """Set the static scale (clip factor from CLIP_GRID for static mode) and return the error."""
+        base = self._static_from(amax)
+        self.static_scale.copy_(base)
+        if samples is None:
+            return math.inf
+        if self.scale_mode == "dynamic":
+            return self._error(samples)
+        best = (math.inf, 1.0)
+        for clip in CLIP_GRID:
+            self.static_scale.copy_(base * clip)
+            best = min(best, (self._error(samples), clip))
+        self.static_scale.copy_(base * best[1])
+        self.clip = best[1]
+        return best[0]
+
+
+class QuantizedSSMState(SSMState):
+    """The SSM state of one layer stored as integers: codes int8 (b, d, n) for 5..8 bits, or two
+    4-bit codes per byte (b, d, n/2) uint8 for 2..4 bits, plus float16 per-write scales."""
+
+    def __init__(self, quantizer: StateQuantizer, batch: int, device):
+        q = quantizer
+        cols = q.n // 2 if q.bits <= 4 else q.n
+        self.quantizer = q
+        self.codes = torch.zeros(batch, q.d, cols, dtype=torch.uint8 if q.bits <= 4 else torch.int8, device=device)
+        shape = q.dynamic_shape(batch)
+        self.scales = torch.zeros(shape, dtype=torch.float16, device=device) if q.scale_mode == "dynamic" \
+            else torch.zeros(shape, dtype=torch.float16, device=device)
+
+    def read(self) -> Tensor:
+        q = self.quantizer
+        return q.dequantize(unpack(self.codes, q.bits), self.scales if q.scale_mode == "dynamic" else None)
+
+    def write(self, h: Tensor) -> Tensor:
+        q = self.quantizer
+        codes, scale = q.quantize(h)
+        self.codes = pack(codes, q.bits)
+        if scale is not None:
+            self.scales = scale.half()
+        return q.dequantize(codes, scale)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"codes": self.codes}
+        if self.scales.numel():
+            out["scales"] = self.scales
+        return out

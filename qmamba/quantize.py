@@ -1,0 +1,56 @@
+"""`qmamba.quantize(model, config, calib)`: the one-call Python entry point."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import QMambaError
+from .methods import get_method
+from .quant.apply import is_quantized
+from .quant.calibrate import calibration_ids
+from .quant.config import QuantConfig
+
+
+def resolve_config(config: Union[str, QuantConfig], method: str, **options) -> QuantConfig:
+    """A QuantConfig with the method's default state quantizer filled in."""
+    m = get_method(method)
+    qcfg = QuantConfig.parse(config, **options) if isinstance(config, str) else config.replace(**options)
+    return qcfg.replace(state_quant=qcfg.state_quant or m.state_quant,
+                        state_scale=qcfg.state_scale or m.state_scale)
+
+
+def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, method: str = "dsq",
+             tokenizer=None, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+             progress: bool = True, method_options: Optional[dict] = None, **config_options):
+    """Quantize a float model in place and return it.
+
+    model: a `MambaLM` or what `qmamba.load` returns (then its tokenizer is used).
+    config: 'w8a8h4'-style string or a QuantConfig; `config_options` set its fields
+        (e.g. state_quant='channel', state_scale='static', a_dynamic=True).
+    calib: None (the shipped validation text), a text file path, or token ids (N, L).
+    """
+    if hasattr(model, "model") and hasattr(model, "tokenizer"):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    if is_quantized(model):
+        raise QMambaError("this model is already quantized; quantize the float model instead")
+    qcfg = resolve_config(config, method, seed=seed, **config_options)
+    if isinstance(calib, torch.Tensor):
+        ids = calib.long()
+        if ids.dim() != 2:
+            raise QMambaError("calibration ids must be a (nsamples, seqlen) tensor")
+    else:
+        ids = calibration_ids(tokenizer, Path(calib) if calib is not None else None, nsamples, seqlen, seed)
+    t0 = time.time()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        get_method(method).fn(model, qcfg, ids, progress=progress, **(method_options or {}))
+    model.quant_config = qcfg
+    model.quant_method = method
+    model.quant_seconds = time.time() - t0
+    model.eval()
+    return model
