@@ -1,2 +1,6 @@
 """qmamba: post-training quantization of Mamba and Mamba2 (Q-Mamba: DSQ + ESR)."""
 __version__ = "0.1.0"
+
+from .api import load
+
+__all__ = ["__version__", "load"]

@@ -1,0 +1,122 @@
+"""`qmamba eval [MODEL] [--ppl FILE] [--tasks NAMES --limit N] [--json OUT]`.
+
+Perplexity on a text file (default: the shipped test text) and, through
+`qmamba.eval.harness.run_tasks`, zero-shot tasks. With neither --ppl nor --tasks it measures
+perplexity on the test text, so plain `qmamba eval` evaluates the default reference model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..api import DEFAULT_MODEL, DTYPES, load
+from ..errors import QMambaError
+from ..utils.io import atomic_write_json
+
+HARNESS = "qmamba.eval.harness"
+TEST_TEXT = Path(__file__).resolve().parents[1] / "assets" / "text" / "test.txt"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="perplexity on a text file and zero-shot tasks",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"reference model name, model folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--ppl", type=Path, metavar="FILE",
+                   help=f"UTF-8 text file for perplexity (default when no --tasks: {TEST_TEXT.name})")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens of the text")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default 1)")
+    # zero-shot tasks: run by qmamba.eval.harness.run_tasks (lm-eval)
+    p.add_argument("--tasks", metavar="NAMES", help="comma-separated zero-shot task names")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N examples per task")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--tokenizer", type=Path, metavar="PATH",
+                   help="tokenizer folder or tokenizer.json (default: the model's own)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    p.set_defaults(func=run)
+    return p
+
+
+def run_tasks(model, tokenizer, tasks: list[str], limit) -> dict:
+    """Zero-shot tasks through `qmamba.eval.harness`, when that module is installed."""
+    try:
+        harness = importlib.import_module(HARNESS)
+    except ModuleNotFoundError as e:
+        if e.name == HARNESS:
+            raise QMambaError("zero-shot tasks are not available yet") from None
+        raise QMambaError(f"zero-shot tasks need the package {e.name.split('.')[0]!r}, which is not "
+                          "installed (pip install 'qmamba[eval]')") from None
+    return harness.run_tasks(model, tokenizer, tasks, limit)
+
+
+def _metrics(values) -> str:
+    """{"acc": 0.51234, ...} -> "acc 0.5123, ..." for the printout."""
+    if not isinstance(values, dict):
+        return str(values)
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
+def _check_args(args) -> list[str]:
+    """Fail fast, before loading anything, on option mistakes. Returns the task names."""
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise QMambaError("--tasks needs at least one task name")
+    if args.limit is not None and not tasks:
+        raise QMambaError("--limit applies to --tasks only")
+    if args.limit is not None and args.limit < 1:
+        raise QMambaError(f"--limit must be positive, got {args.limit}")
+    if args.seqlen < 2:
+        raise QMambaError(f"--seqlen must be at least 2 (one token predicted per window), got {args.seqlen}")
+    if args.json is not None and args.json.is_dir():
+        raise QMambaError(f"--json {args.json} is a folder; give a file name")
+    return tasks
+
+
+def run(args) -> int:
+    from .. import __version__
+    from ..eval.perplexity import perplexity, tokenize_text_file
+
+    tasks = _check_args(args)
+    ppl_file = args.ppl
+    if ppl_file is None and not tasks:
+        ppl_file = TEST_TEXT                  # neither --ppl nor --tasks: the shipped test text
+    t0 = time.perf_counter()
+    loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    if loaded.tokenizer is None:
+        raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")
+    result = {
+        "model": loaded.name, "model_path": str(loaded.path), "format": loaded.format,
+        "parameters": loaded.model.num_parameters(), "dtype": args.dtype, "device": args.device,
+        "qmamba_version": __version__, "torch_version": torch.__version__,
+        "python_version": platform.python_version(), "load_seconds": round(time.perf_counter() - t0, 3),
+    }
+    print(f"{loaded.name}: {loaded.model.config.arch}, {result['parameters'] / 1e6:.2f} M parameters, "
+          f"{args.dtype} on {args.device}")
+    t1 = time.perf_counter()
+    if ppl_file is not None:
+        ids = tokenize_text_file(ppl_file, loaded.tokenizer)
+        ppl = perplexity(loaded.model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                         batch_size=args.batch_size)
+        result.update(file=str(ppl_file), max_tokens=args.max_tokens, **ppl)
+        print(f"perplexity {ppl['perplexity']:.4f} (nll {ppl['nll']:.4f}) on {Path(ppl_file).name}: "
+              f"{ppl['tokens']:,} predicted tokens in {ppl['windows']} windows of {ppl['seqlen']}")
+    if tasks:
+        result["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks, args.limit)
+        result["limit"] = args.limit
+        for name, value in result["tasks"].items():
+            print(f"{name}: {_metrics(value)}")
+    result["seconds"] = round(time.perf_counter() - t1, 3)
+    print(f"done in {result['seconds']:.1f} s")
+    if args.json is not None:
+        atomic_write_json(args.json, result)
+        print(f"results written to {args.json}")
+    return 0

@@ -1,0 +1,55 @@
+"""`qmamba generate [MODEL] --prompt TEXT`: print the prompt and its continuation.
+
+Greedy by default; --temperature T (> 0) samples, optionally from the --top-k logits, with
+--seed for a reproducible draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..api import DEFAULT_MODEL, DTYPES, load
+from ..errors import QMambaError
+from ..generate import generate
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate", help="continue a prompt with a model",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"reference model name, model folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="default 50")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    mode.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                      help="sample from softmax(logits / T); 0 is greedy")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
+    p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--tokenizer", type=Path, metavar="PATH",
+                   help="tokenizer folder or tokenizer.json (default: the model's own)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    if not args.prompt:
+        raise QMambaError("--prompt is empty")
+    loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")
+    ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise QMambaError("the prompt encodes to no tokens")
+    out = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                   eos_token_id=tok.eos_token_id)
+    print(args.prompt + tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+    return 0

@@ -1,0 +1,5 @@
+"""Evaluation: perplexity on a text file (`perplexity`); zero-shot tasks live in `harness`."""
+
+from .perplexity import perplexity, tokenize_text_file, windows
+
+__all__ = ["perplexity", "tokenize_text_file", "windows"]

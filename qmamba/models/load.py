@@ -1,0 +1,172 @@
+"""Read a model folder into a `MambaLM`: the two config formats, the weight files, the checks.
+
+Formats of a folder (told apart by its config.json):
+  * "hf"         transformers (4.x or 5.x): `model_type` mamba, mamba2 or falcon_mamba;
+  * "mamba_ssm"  state-spaces/mamba's `MambaLMHeadModel`: d_model, n_layer, ssm_cfg;
+  * a config with `quantization_config` is a quantized qmamba checkpoint (`_load_quantized`).
+Weights, first found wins: model.safetensors.index.json (shards), model.safetensors,
+pytorch_model.bin.index.json (shards), pytorch_model.bin. mamba_ssm's key
+`backbone.embedding.weight` is renamed to transformers' `backbone.embeddings.weight`.
+
+The model is built on the `meta` device and the checkpoint tensors are assigned to it
+(`load_state_dict(assign=True)`, the gpt-fast pattern), so weights are never allocated twice.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..errors import QMambaError
+from ..utils.io import read_json
+from .config import ModelConfig, from_hf_dict, from_mamba_ssm_dict
+from .lm import MambaLM
+
+StateDict = dict[str, Tensor]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN = "pytorch_model.bin"
+RENAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+LM_HEAD, EMBEDDINGS = "lm_head.weight", "backbone.embeddings.weight"
+
+
+# ------------------------------------------------------------------------------------ config
+def read_config(folder: Path) -> dict:
+    """The raw config.json of a model folder."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise QMambaError(f"{folder} has no config.json: not a model folder")
+    return read_json(path, "config file")
+
+
+def detect_format(raw: dict) -> str:
+    """'hf' (has model_type) or 'mamba_ssm' (has d_model and n_layer)."""
+    if "model_type" in raw:
+        return "hf"
+    if "d_model" in raw and "n_layer" in raw:
+        return "mamba_ssm"
+    raise QMambaError("config.json is neither a transformers config (model_type) nor a mamba_ssm "
+                      "config (d_model, n_layer, ssm_cfg)")
+
+
+def model_config(raw: dict, fmt: str) -> ModelConfig:
+    return from_hf_dict(raw) if fmt == "hf" else from_mamba_ssm_dict(raw)
+
+
+# ------------------------------------------------------------------------------------ weights
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder, shards in index order."""
+    folder = Path(folder)
+    for index, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
+        if (folder / index).is_file():
+            weight_map = read_json(folder / index, "weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise QMambaError(f"weight index {folder / index} has no weight_map")
+            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            for shard in shards:
+                if not shard.is_file():
+                    raise QMambaError(f"shard {shard.name} listed in {index} is missing from {folder}")
+            return shards
+        if (folder / single).is_file():
+            return [folder / single]
+    raise QMambaError(f"{folder} has no weights ({SAFETENSORS} or {BIN}, possibly sharded)")
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise QMambaError(f"cannot read weights {path}: truncated or not a safetensors file ({e})") from None
+
+
+def _read_bin(path: Path) -> StateDict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise QMambaError(f"cannot read weights {path}: not a plain tensor checkpoint (only tensors "
+                          "are loaded, with torch.load(weights_only=True)) or corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise QMambaError(f"cannot read weights {path}: truncated or corrupt ({reason})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise QMambaError(f"weights {path} do not hold a flat dict of tensors")
+    return sd
+
+
+def read_weights(folder: Path) -> StateDict:
+    """All tensors of a folder's checkpoint (on CPU), mamba_ssm names renamed to ours."""
+    sd: StateDict = {}
+    for path in weight_files(folder):
+        sd.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_bin(path))
+    return {RENAMES.get(k, k): v for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------ checks
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_state_dict(model: MambaLM, sd: StateDict, source: str = "the weights") -> None:
+    """Raise QMambaError unless `sd` has exactly the model's keys with the model's shapes.
+    A tied lm_head may be absent from `sd` (it is the embedding). `source` names the weights."""
+    expected = model.state_dict()                                           # meta tensors: shapes only
+    tied = model.config.tie_embeddings
+    missing = [k for k in expected if k not in sd and not (tied and k == LM_HEAD)]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} key(s): {_few(missing)}"] if missing else []) + \
+                ([f"unexpected {len(unexpected)} key(s): {_few(unexpected)}"] if unexpected else [])
+        hint = "" if tied or LM_HEAD not in missing else " (the config says lm_head is not tied)"
+        raise QMambaError(f"{source} do not match config.json: {'; '.join(parts)}{hint}")
+    for key, ref in expected.items():
+        if key in sd and sd[key].shape != ref.shape:
+            raise QMambaError(f"{source} do not match config.json: {key} has shape {tuple(sd[key].shape)} "
+                              f"in the weights but {tuple(ref.shape)} from the config")
+
+
+# ------------------------------------------------------------------------------------ build
+def build_model(cfg: ModelConfig, sd: StateDict, dtype: torch.dtype,
+                device: Union[str, torch.device] = "cpu", source: str = "the weights") -> MambaLM:
+    """A MambaLM in eval mode whose parameters ARE the (cast, moved) checkpoint tensors."""
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    check_state_dict(model, sd, source)
+    if cfg.tie_embeddings and LM_HEAD in sd and not torch.equal(sd[LM_HEAD], sd[EMBEDDINGS]):
+        raise QMambaError(f"config.json ties lm_head to the embeddings, but {source} hold a different "
+                          "lm_head.weight (untie it in config.json if the head is separate)")
+    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    if cfg.tie_embeddings:
+        sd[LM_HEAD] = sd[EMBEDDINGS]
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:                                                  # assign made two Parameters
+        model.lm_head.weight = model.backbone.embeddings.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after loading: {_few(left)}")
+    return model.eval()
+
+
+def _load_quantized(folder: Path, raw: dict, dtype: torch.dtype, device) -> MambaLM:
+    """QUANTIZED CHECKPOINTS: the loader of qmamba's own quantized folders (config.json with
+    `quantization_config`). Placeholder until the quantization work replaces this function."""
+    raise QMambaError("quantized checkpoints are not supported yet")
+
+
+def load_folder(folder, dtype: torch.dtype = torch.float32,
+                device: Union[str, torch.device] = "cpu") -> tuple[MambaLM, str, dict]:
+    """Model folder -> (model in eval mode, format 'hf' | 'mamba_ssm', raw config.json)."""
+    folder = Path(folder)
+    raw = read_config(folder)
+    if "quantization_config" in raw:
+        return _load_quantized(folder, raw, dtype, device), "hf", raw
+    fmt = detect_format(raw)
+    cfg = model_config(raw, fmt)
+    return build_model(cfg, read_weights(folder), dtype, device, f"the weights in {folder}"), fmt, raw
