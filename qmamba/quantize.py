@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -45,10 +46,14 @@ def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, meth
             raise QMambaError("calibration ids must be a (nsamples, seqlen) tensor")
     else:
         ids = calibration_ids(tokenizer, Path(calib) if calib is not None else None, nsamples, seqlen, seed)
+    fn = get_method(method).fn
+    unknown = set(method_options or {}) - set(inspect.signature(fn).parameters)
+    if unknown:
+        raise QMambaError(f"method {method} has no option(s) {', '.join(sorted(unknown))}")
     t0 = time.time()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        get_method(method).fn(model, qcfg, ids, progress=progress, **(method_options or {}))
+        fn(model, qcfg, ids, progress=progress, **(method_options or {}))
     model.quant_config = qcfg
     model.quant_method = method
     model.quant_seconds = time.time() - t0

@@ -17,5 +17,5 @@ def calibrate_and_round(model, qcfg, calib, observers=None, progress=True):
 
 
 @register("rtn", "round-to-nearest, min-max static per-tensor activations, per-channel weights")
-def rtn(model, qcfg, calib, progress=True, **_):
+def rtn(model, qcfg, calib, progress=True):
     return calibrate_and_round(model, qcfg, calib, progress=progress)

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from ..errors import QMambaError
 from .primitives import absmax, fake_quant, symmetric_scale
 
-_QUANTILE_MAX = 1 << 22   # torch.quantile's input limit is 2^24; sample below it
+_QUANTILE_MAX = 1 << 24   # torch.quantile's input limit
+_SAMPLE_PER_CALL = 1 << 18  # percentile observer: values kept from the first batch (same rate after)
 
 
 class ActQuantizer(nn.Module):
@@ -26,8 +27,7 @@ class ActQuantizer(nn.Module):
         self.mode = "quant"
         # static per-tensor scale; a Parameter so that ESR can learn it (frozen by default)
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
-        self._stats: list[float] = []
-        self._amax = 0.0
+        self.reset_stats()
 
     def extra_repr(self) -> str:
         kind = "dynamic per-token" if self.dynamic else f"static per-tensor ({self.observer})"
@@ -35,7 +35,7 @@ class ActQuantizer(nn.Module):
 
     # ------------------------------------------------------------ calibration
     def reset_stats(self):
-        self._stats, self._amax = [], 0.0
+        self._stats, self._amax, self._rate = [], 0.0, None
 
     @torch.no_grad()
     def observe(self, x: Tensor):
@@ -45,16 +45,25 @@ class ActQuantizer(nn.Module):
         a = x.detach().abs().float().flatten()
         self._amax = max(self._amax, a.max().item())
         if self.observer == "percentile":
-            if a.numel() > _QUANTILE_MAX:
+            # a uniform subsample at one fixed rate for the whole calibration, pooled, so the
+            # percentile does not depend on how calibration is batched
+            if self._rate is None:
+                self._rate = min(1.0, _SAMPLE_PER_CALL / a.numel())
+            if self._rate < 1.0:
                 g = torch.Generator(device=a.device).manual_seed(len(self._stats))
-                a = a[torch.randint(0, a.numel(), (_QUANTILE_MAX,), generator=g, device=a.device)]
-            self._stats.append(torch.quantile(a, self.percentile / 100).item())
+                a = a[torch.rand(a.numel(), generator=g, device=a.device) < self._rate]
+            self._stats.append(a.cpu())
 
     @torch.no_grad()
     def finish_calibration(self):
-        """Static scale from the statistics: the running max, or the mean per-batch percentile."""
+        """Static scale from the statistics: the max, or the percentile of the pooled sample."""
         if not self.dynamic:
-            ref = sum(self._stats) / len(self._stats) if self._stats else self._amax
+            ref = self._amax
+            if self._stats:
+                pool = torch.cat(self._stats)
+                if pool.numel() > _QUANTILE_MAX:
+                    pool = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(0))[:_QUANTILE_MAX]]
+                ref = torch.quantile(pool, self.percentile / 100).item()
             self.scale.fill_(symmetric_scale(torch.tensor(ref), self.bits).item())
         self.reset_stats()
         self.mode = "quant"

@@ -266,8 +266,7 @@ class QuantizedSSMState(SSMState):
         self.quantizer = q
         self.codes = torch.zeros(batch, q.d, cols, dtype=torch.uint8 if q.bits <= 4 else torch.int8, device=device)
         shape = q.dynamic_shape(batch)
-        self.scales = torch.zeros(shape, dtype=torch.float16, device=device) if q.scale_mode == "dynamic" \
-            else torch.zeros(shape, dtype=torch.float16, device=device)
+        self.scales = torch.zeros(shape, dtype=torch.float16, device=device)   # (b, 0) when static
 
     def read(self) -> Tensor:
         q = self.quantizer
