@@ -4,6 +4,10 @@ model code: fixed seed, logged loss and validation perplexity, resumable, bounde
     python scripts/train_ref.py --preset ref-mamba2 --minutes 60 --out runs/ref-mamba2
     python scripts/train_ref.py --preset ref-mamba2 --resume runs/ref-mamba2    # continue
 
+The budget is CPU time: --minutes on a machine of --threads cores (process CPU seconds divided
+by the thread count), so a run gets the same compute whatever else the machine is doing; the
+wall time is logged beside it.
+
 Inputs: data/train.txt (scripts/build_data.py), the shipped validation text and tokenizer.
 Outputs in --out: ckpt.pt (resume state), log.jsonl (one line per log step), and model/ (the
 Hugging Face-style folder that ships: config.json, model.safetensors, tokenizer files) written
@@ -119,7 +123,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     rng = np.random.default_rng(args.seed)
-    state = {"step": 0, "elapsed": 0.0, "tokens": 0, "best_val": float("inf")}
+    state = {"step": 0, "elapsed": 0.0, "wall": 0.0, "tokens": 0, "best_val": float("inf")}
     ckpt_path = args.out / "ckpt.pt"
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
@@ -136,7 +140,9 @@ def main(argv=None):
     log = open(args.out / "log.jsonl", "a")
     last_ckpt = time.time()
     model.train()
-    t_start = time.time() - state["elapsed"]
+    threads = torch.get_num_threads()
+    cpu_start = time.process_time() - state["elapsed"] * threads
+    wall_start = time.time() - state.get("wall", 0.0)
 
     def save_ckpt():
         tmp = ckpt_path.with_suffix(".tmp")
@@ -162,9 +168,11 @@ def main(argv=None):
         opt.step()
         state["step"] += 1
         state["tokens"] += batch[:, :-1].numel()
-        state["elapsed"] = time.time() - t_start
+        state["elapsed"] = (time.process_time() - cpu_start) / threads
+        state["wall"] = time.time() - wall_start
         rec = {"step": state["step"], "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"],
-               "gnorm": round(gnorm, 3), "min": round(state["elapsed"] / 60, 2), "tokens": state["tokens"]}
+               "gnorm": round(gnorm, 3), "min": round(state["elapsed"] / 60, 2),
+               "wall_min": round(state["wall"] / 60, 2), "tokens": state["tokens"]}
         done = (state["step"] >= args.steps) if args.steps else (state["elapsed"] >= budget)
         if state["step"] % args.eval_every == 0 or done:
             vl = evaluate(model, val, 512, args.eval_windows)
@@ -183,6 +191,7 @@ def main(argv=None):
     save_model(model, args.out / "model", tokenizer_dir=TOKENIZER_DIR, force=True)
     summary = {"preset": args.preset, "params": model.num_parameters(), "steps": state["step"],
                "tokens": state["tokens"], "minutes": round(state["elapsed"] / 60, 1),
+               "wall_minutes": round(state["wall"] / 60, 1), "threads": threads,
                "best_val_ppl_512": round(math.exp(state["best_val"]), 3), "config": cfg.to_dict(),
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
