@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..api import DEFAULT_MODEL, DTYPES, load
+from .common import add_model_args, add_quant_args, describe, load_model
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json
 
@@ -27,21 +27,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="perplexity on a text file and zero-shot tasks",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"reference model name, model folder or hub id (default {DEFAULT_MODEL})")
+    add_model_args(p)
     p.add_argument("--ppl", type=Path, metavar="FILE",
                    help=f"UTF-8 text file for perplexity (default when no --tasks: {TEST_TEXT.name})")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens of the text")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default 8)")
     # zero-shot tasks: run by qmamba.eval.harness.run_tasks (lm-eval)
     p.add_argument("--tasks", metavar="NAMES", help="comma-separated zero-shot task names")
     p.add_argument("--limit", type=int, metavar="N", help="at most N examples per task")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--tokenizer", type=Path, metavar="PATH",
-                   help="tokenizer folder or tokenizer.json (default: the model's own)")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    add_quant_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -90,17 +86,19 @@ def run(args) -> int:
     if ppl_file is None and not tasks:
         ppl_file = TEST_TEXT                  # neither --ppl nor --tasks: the shipped test text
     t0 = time.perf_counter()
-    loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    loaded = load_model(args)
     if loaded.tokenizer is None:
         raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")
     result = {
         "model": loaded.name, "model_path": str(loaded.path), "format": loaded.format,
-        "parameters": loaded.model.num_parameters(), "dtype": args.dtype, "device": args.device,
+        "dtype": args.dtype, "device": args.device,
         "qmamba_version": __version__, "torch_version": torch.__version__,
         "python_version": platform.python_version(), "load_seconds": round(time.perf_counter() - t0, 3),
     }
-    print(f"{loaded.name}: {loaded.model.config.arch}, {result['parameters'] / 1e6:.2f} M parameters, "
-          f"{args.dtype} on {args.device}")
+    q = getattr(loaded.model, "quant_config", None)
+    if q is not None:
+        result["quantization"] = {"method": loaded.model.quant_method, **q.to_dict()}
+    print(f"{describe(loaded)}; {args.dtype} on {args.device}")
     t1 = time.perf_counter()
     if ppl_file is not None:
         ids = tokenize_text_file(ppl_file, loaded.tokenizer)

@@ -7,11 +7,10 @@ Greedy by default; --temperature T (> 0) samples, optionally from the --top-k lo
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from ..api import DEFAULT_MODEL, DTYPES, load
+from .common import add_model_args, add_quant_args, load_model
 from ..errors import QMambaError
 from ..generate import generate
 
@@ -20,8 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate", help="continue a prompt with a model",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"reference model name, model folder or hub id (default {DEFAULT_MODEL})")
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="default 50")
     mode = p.add_mutually_exclusive_group()
@@ -30,10 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="sample from softmax(logits / T); 0 is greedy")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, help="seed of the sampling")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--tokenizer", type=Path, metavar="PATH",
-                   help="tokenizer folder or tokenizer.json (default: the model's own)")
+    add_quant_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -41,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     if not args.prompt:
         raise QMambaError("--prompt is empty")
-    loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    loaded = load_model(args)
     tok = loaded.tokenizer
     if tok is None:
         raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")

@@ -38,21 +38,12 @@ def weight_bytes(model: torch.nn.Module) -> dict:
     return {"total": sum(by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items()))}
 
 
-def fp16_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the same model with every floating-point weight in float16 (the FP16 reference);
-    a quantized linear counts as its float16 weight."""
-    total = 0
-    for name, t in _unique_tensors(model):
-        if name.endswith(".qweight"):
-            rows, cols = t.shape
-            total += rows * (cols * 2 if t.dtype == torch.uint8 else cols) * 2
-        elif name.endswith(".w_scale") or not t.is_floating_point():
-            continue
-        elif ".input_quant" in name or ".quant_" in name or ".state_quant" in name:
-            continue                     # quantizer parameters do not exist in the FP16 model
-        else:
-            total += t.numel() * 2
-    return total
+def fp16_weight_bytes(model: MambaLM) -> int:
+    """Bytes of the float model of the same config with every weight in float16 (the FP16
+    reference), counted on a copy built on the meta device."""
+    with torch.device("meta"):
+        ref = MambaLM(model.config)
+    return sum(t.numel() * 2 for _, t in _unique_tensors(ref))
 
 
 def state_bytes(model: MambaLM, batch: int, device=None) -> dict:

@@ -67,7 +67,7 @@ class MambaLM(nn.Module):
 
     def _head(self, hidden: Tensor) -> Tensor:
         hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return self.lm_head(hidden).float()
 
     def forward(self, input_ids: Tensor, cache: Optional[InferenceCache] = None,
                 return_hidden: bool = False) -> Tensor:
@@ -89,9 +89,9 @@ class MambaLM(nn.Module):
         return self._head(hidden)
 
     def allocate_cache(self, batch: int, device=None, dtype=None) -> InferenceCache:
-        p = self.backbone.embeddings.weight
+        p = self.backbone.norm_f.weight
         device = device or p.device
-        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        dtype = dtype or p.dtype
         return InferenceCache([m.allocate_state(batch, dtype, device) for m in self.mixers()])
 
     def num_parameters(self) -> int:

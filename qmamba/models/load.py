@@ -155,9 +155,10 @@ def build_model(cfg: ModelConfig, sd: StateDict, dtype: torch.dtype,
 
 
 def _load_quantized(folder: Path, raw: dict, dtype: torch.dtype, device) -> MambaLM:
-    """QUANTIZED CHECKPOINTS: the loader of qmamba's own quantized folders (config.json with
-    `quantization_config`). Placeholder until the quantization work replaces this function."""
-    raise QMambaError("quantized checkpoints are not supported yet")
+    """A qmamba quantized folder (config.json with `quantization_config`)."""
+    from ..quant.checkpoint import build_quantized
+
+    return build_quantized(raw, read_weights(folder), dtype, device)
 
 
 def load_folder(folder, dtype: torch.dtype = torch.float32,

@@ -40,11 +40,20 @@ class MixerBase(nn.Module):
     def _quantized_scan(self, x, dt, A, B, C, D, state: Optional[LayerState]):
         """Per-channel shapes of `selective_scan_ref`. With a state (prompt into a cache) every
         token's state is written into the cache's store, otherwise through the fake quantizer."""
+        q = self.state_quant
+        h0 = None if state is None else state.ssm.read()
         if self.state_sim is not None and self.training:
-            return self.state_sim(x, dt, A, B, C, D, None if state is None else state.ssm.read())
+            return self.state_sim(x, dt, A, B, C, D, h0)
+        if q.mode == "quant" and q.rounding == "nearest" and not torch.is_grad_enabled():
+            from ..quant.qscan import quantized_scan      # fused per-token step, same numbers
+
+            y, h = quantized_scan(x, dt, A, B, C, D, q, h0)
+            if state is not None:
+                state.ssm.write(h)                        # re-quantizing a stored state is exact
+            return y, h
         if state is not None:
-            return selective_scan_ref(x, dt, A, B, C, D, state.ssm.read(), state.ssm.write)
-        return selective_scan_ref(x, dt, A, B, C, D, None, self.state_quant)
+            return selective_scan_ref(x, dt, A, B, C, D, h0, state.ssm.write)
+        return selective_scan_ref(x, dt, A, B, C, D, None, q)
 
     def ssm_state_shape(self) -> tuple[int, int]:
         raise NotImplementedError

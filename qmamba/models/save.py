@@ -57,7 +57,7 @@ def save_model(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force:
     tmp, commit, abort = atomic_folder(out, force)
     try:
         cfg = model.config.to_hf()
-        cfg["torch_dtype"] = str(model.backbone.embeddings.weight.dtype).replace("torch.", "")
+        cfg["torch_dtype"] = str(model.backbone.norm_f.weight.dtype).replace("torch.", "")
         cfg.update(extra_config or {})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         save_file(tensors if tensors is not None else state_dict_for_save(model),

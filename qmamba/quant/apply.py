@@ -62,6 +62,8 @@ def install_quantizers(model, qcfg: QuantConfig, observers: dict | None = None) 
 def quantize_weights(model, qcfg: QuantConfig, clips: dict | None = None) -> None:
     """Round every mixer linear's weights to `qcfg.w_bits` (round-to-nearest; `clips` maps a
     module path to per-channel clip factors learned elsewhere)."""
+    if qcfg.quantize_head:
+        quantize_head(model)
     if qcfg.w_bits is None:
         return
     clips = clips or {}
@@ -71,6 +73,21 @@ def quantize_weights(model, qcfg: QuantConfig, clips: dict | None = None) -> Non
             if isinstance(lin, QLinear) and lin.w_bits is None:
                 lin.quantize_weights_(qcfg.w_bits, qcfg.w_group_size,
                                       clips.get(f"backbone.layers.{i}.mixer.{name}"))
+
+
+def quantize_head(model) -> None:
+    """8-bit embedding and lm_head (tied heads stay tied)."""
+    from .embedding import QEmbedding, TiedQHead
+
+    emb = model.backbone.embeddings
+    if isinstance(emb, QEmbedding):
+        return
+    qemb = QEmbedding.from_embedding(emb)
+    model.backbone.embeddings = qemb
+    if model.config.tie_embeddings:
+        model.lm_head = TiedQHead(qemb)
+    else:
+        model.lm_head = QLinear.from_linear(model.lm_head, 8)
 
 
 def state_quantizers(model) -> list[StateQuantizer]:

@@ -43,6 +43,21 @@ def save_quantized(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, fo
                       tensors=state_dict_for_save(model))
 
 
+def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None) -> MambaLM:
+    """The modules of a quantized model (quantizers, integer weights rounded from whatever
+    weights `model` holds), without calibration: what loading rebuilds before assigning the
+    saved tensors, and what the memory report measures (bytes do not depend on calibration)."""
+    from ..methods import get_method
+
+    m = get_method(method)
+    install_quantizers(model, qcfg)
+    if m.restore is not None:
+        m.restore(model, qcfg, qmeta or {})
+    quantize_weights(model, qcfg)
+    model.quant_config, model.quant_method = qcfg, method
+    return model
+
+
 def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.float32, device="cpu") -> MambaLM:
     """Rebuild a quantized model from its config.json dict and its tensors."""
     from ..methods import get_method
@@ -58,11 +73,7 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
     method = get_method(qc.get("method", "rtn"))
     cfg = from_hf_dict(raw)
     with torch.device("meta"):
-        model = MambaLM(cfg).to(dtype)
-        install_quantizers(model, qcfg)
-        if method.restore is not None:
-            method.restore(model, qcfg, qc)
-        quantize_weights(model, qcfg)
+        model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method.name, qc)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -77,7 +88,7 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
               and not k.endswith(("w_scale", ".scale", "s_n", "static_scale")) else t).to(device)
           for k, t in state_dict.items()}
     model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.backbone.embeddings.weight
     for m in model.modules():           # buffers that are not saved (calibration maxima)
         for name, b in list(m.named_buffers(recurse=False)):

@@ -1,0 +1,92 @@
+"""Options every model-taking command shares: the model, dtype, device, tokenizer, and the
+quantization options (for `quantize`, and for quantizing in memory with `--quant`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..api import DEFAULT_MODEL, DTYPES, load
+from ..errors import QMambaError
+
+log = logging.getLogger("qmamba")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"reference model name, model folder (float or quantized) or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--tokenizer", type=Path, metavar="PATH",
+                   help="tokenizer folder or tokenizer.json (default: the model's own)")
+
+
+def add_quant_args(p: argparse.ArgumentParser, config_flag: str = "--quant", default_method: str = "dsq",
+                   default_config: str | None = None) -> None:
+    from ..methods import available
+    from ..quant.config import ROUNDINGS, SCALE_MODES, STATE_QUANTIZERS
+
+    g = p.add_argument_group("quantization")
+    g.add_argument(config_flag, dest="quant", metavar="CONFIG", default=default_config,
+                   help="WxAyHz config, e.g. w8a8h4, w8a8, w4a16, h4" +
+                   (f" (default {default_config})" if default_config else " (quantize in memory before running)"))
+    g.add_argument("--method", default=default_method, choices=available(),
+                   help=f"quantization method (default {default_method})")
+    g.add_argument("--calib", type=Path, metavar="FILE", help="calibration text (default: the shipped validation text)")
+    g.add_argument("--nsamples", type=int, default=128, metavar="N", help="calibration sequences (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=512, metavar="L", help="calibration sequence length (default 512)")
+    seed_flag = "--quant-seed" if "--seed" in p._option_string_actions else "--seed"
+    g.add_argument(seed_flag, dest="quant_seed", type=int, default=0,
+                   help="calibration sampling and stochastic-rounding seed (default 0)")
+    g.add_argument("--state-quant", choices=list(STATE_QUANTIZERS),
+                   help="state quantizer (default: the method's; dsq for dsq/qmamba, tensor for the baselines)")
+    g.add_argument("--state-scale", choices=SCALE_MODES, help="per-write (dynamic) or calibrated (static) state scales")
+    g.add_argument("--state-rounding", choices=ROUNDINGS, default="nearest", help="state write rounding")
+    g.add_argument("--a-dynamic", action="store_true", help="dynamic per-token activation scales (default static per-tensor)")
+    g.add_argument("--w-group-size", type=int, default=0, metavar="G", help="weight groups along the input dim (default per channel)")
+    g.add_argument("--quantize-head", action="store_true", help="also quantize embedding and lm_head")
+
+
+def quant_options(args) -> dict:
+    """QuantConfig keyword options from the parsed quantization arguments."""
+    opts = dict(state_rounding=args.state_rounding, a_dynamic=args.a_dynamic,
+                w_group_size=args.w_group_size, quantize_head=args.quantize_head)
+    if args.state_quant:
+        opts["state_quant"] = args.state_quant
+    if args.state_scale:
+        opts["state_scale"] = args.state_scale
+    return opts
+
+
+def check_quant_args(args) -> None:
+    from ..quant.config import QuantConfig
+
+    if args.nsamples < 1 or args.calib_seqlen < 2:
+        raise QMambaError("--nsamples must be >= 1 and --calib-seqlen >= 2")
+    QuantConfig.parse(args.quant, **quant_options(args))            # fail fast on a bad config
+
+
+def load_model(args, quantize_in_memory: bool = True):
+    """Load args.model; with --quant, quantize it in memory (`qmamba.quantize`)."""
+    if quantize_in_memory and getattr(args, "quant", None):
+        check_quant_args(args)
+    loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    if quantize_in_memory and getattr(args, "quant", None):
+        from ..quantize import quantize
+
+        if getattr(loaded.model, "quant_config", None) is not None:
+            raise QMambaError(f"{args.model} is already quantized; --quant applies to float models")
+        quantize(loaded, args.quant, calib=args.calib, method=args.method, nsamples=args.nsamples,
+                 seqlen=args.calib_seqlen, seed=args.quant_seed, **quant_options(args))
+        log.info("quantized in memory: %s %s in %.1f s", args.method, loaded.model.quant_config.name,
+                 loaded.model.quant_seconds)
+    return loaded
+
+
+def describe(loaded) -> str:
+    m = loaded.model
+    q = getattr(m, "quant_config", None)
+    if q is None:
+        return f"{loaded.name}: {m.config.arch}, {m.num_parameters() / 1e6:.2f} M parameters, float"
+    return f"{loaded.name}: {m.config.arch}, {m.quant_method} {q.name} (state {q.state_quant}, {q.state_scale} scales)"

@@ -1,0 +1,102 @@
+"""`qmamba memory [MODEL] [--quant CONFIG] [--batch 1,64] [--json OUT]`: bytes of the weights
+(by dtype) and of the conv and SSM state per batch size, measured on the tensors the model
+allocates, side by side with the same model in FP16, with ratios.
+
+MODEL may also be the shape of a real checkpoint (mamba-130m, mamba-370m, mamba-2.8b,
+mamba2-130m, mamba2-370m, mamba2-2.7b): the model is then built on the meta device, whose
+tensors carry shapes and dtypes but no data, and the report says so. Byte counts do not depend
+on calibration, so --quant builds the quantized modules without it. Float weights are counted
+in --dtype (default float16, as deployed); quantization scales stay float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..errors import QMambaError
+from ..models.shapes import SHAPES
+from ..utils.io import atomic_write_json
+from .common import add_model_args
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..methods import available
+
+    p = subparsers.add_parser("memory", help="weight and state memory, quantized vs FP16",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.set_defaults(dtype="float16")
+    p.add_argument("--quant", metavar="CONFIG", help="WxAyHz config to measure (e.g. w8a8h4)")
+    p.add_argument("--method", default="dsq", choices=available(), help="method whose modules to build (default dsq)")
+    p.add_argument("--state-quant", help="state quantizer (default: the method's)")
+    p.add_argument("--state-scale", choices=("dynamic", "static"), help="state scale mode (default: the method's)")
+    p.add_argument("--w-group-size", type=int, default=0, metavar="G")
+    p.add_argument("--quantize-head", action="store_true", help="8-bit embedding and lm_head")
+    p.add_argument("--batch", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def _batches(spec: str) -> list[int]:
+    try:
+        out = [int(b) for b in spec.split(",") if b.strip()]
+    except ValueError:
+        out = []
+    if not out or any(b <= 0 for b in out):
+        raise QMambaError(f"--batch must be positive integers separated by commas, got {spec!r}")
+    return out
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2 ** 20:,.2f} MiB"
+
+
+def run(args) -> int:
+    from ..eval.memory import cast_float_weights, memory_report
+    from ..models.lm import MambaLM
+    from ..models.shapes import shape_config
+    from ..quant.checkpoint import quantize_structure
+    from ..quantize import resolve_config
+
+    batches = _batches(args.batch)
+    qcfg = None
+    if args.quant:
+        opts = {k: v for k, v in dict(state_quant=args.state_quant, state_scale=args.state_scale,
+                                      w_group_size=args.w_group_size, quantize_head=args.quantize_head).items() if v}
+        qcfg = resolve_config(args.quant, args.method, **opts)
+    if args.model in SHAPES:
+        with torch.device("meta"):
+            model = MambaLM(shape_config(args.model))
+            if qcfg is not None:
+                quantize_structure(model, qcfg, args.method)
+        source = f"{args.model} shapes (meta device: bytes of the tensors it would allocate)"
+    else:
+        from ..api import load
+
+        model = load(args.model, device=args.device, tokenizer=args.tokenizer).model
+        if qcfg is not None:
+            if getattr(model, "quant_config", None) is not None:
+                raise QMambaError(f"{args.model} is already quantized; drop --quant")
+            quantize_structure(model, qcfg, args.method)
+        source = args.model
+    cast_float_weights(model, getattr(torch, args.dtype))
+    q = getattr(model, "quant_config", None)
+    report = {"model": args.model, "source": source, "float_dtype": args.dtype,
+              "quantization": None if q is None else {"method": model.quant_method, **q.to_dict()},
+              **memory_report(model, batches)}
+    w = report["weights"]
+    print(f"{source}; {'quantized ' + q.name if q else 'float'}; float weights in {args.dtype}")
+    print(f"weights: {_mib(w['total'])} ({', '.join(f'{k} {_mib(v)}' for k, v in w['by_dtype'].items())}); "
+          f"FP16 {_mib(w['fp16'])}; ratio {w['ratio']:.3f}")
+    for b, r in report["batches"].items():
+        s, s16 = r["state"], r["state_fp16"]
+        print(f"batch {b}: state {_mib(s['total'])} (ssm {_mib(s['ssm'])}, conv {_mib(s['conv'])}) vs FP16 "
+              f"{_mib(s16['total'])}; ssm ratio {r['ssm_ratio']:.3f}; total {_mib(r['total'])} vs FP16 "
+              f"{_mib(r['total_fp16'])}; ratio {r['total_ratio']:.3f}")
+    if args.json:
+        atomic_write_json(args.json, report)
+    return 0

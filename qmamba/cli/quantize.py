@@ -1,0 +1,43 @@
+"""`qmamba quantize [MODEL] --config w8a8h4 --method dsq --out DIR`: quantize a float model with
+calibration text and save it (integer weights, scales, quantization_config), atomically.
+
+The folder loads with every other command (`qmamba eval DIR`, `qmamba generate DIR`, ...) and
+with `qmamba.load(DIR)`; reloading gives the same logits bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import QMambaError
+from .common import add_model_args, add_quant_args, describe, load_model
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("quantize", help="quantize a model and save it",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_quant_args(p, config_flag="--config", default_config="w8a8h4")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must not exist)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..quant.checkpoint import save_quantized
+
+    if args.out.exists() and not args.force:
+        raise QMambaError(f"output folder {args.out} already exists (pass --force to replace it)")
+    if args.out.exists() and not args.out.is_dir():
+        raise QMambaError(f"--out {args.out} is a file, not a folder")
+    loaded = load_model(args)
+    tok_dir = args.tokenizer if args.tokenizer is not None and args.tokenizer.is_dir() else loaded.path
+    save_quantized(loaded.model, args.out, tokenizer_dir=tok_dir, force=args.force)
+    print(describe(loaded))
+    print(f"quantized in {loaded.model.quant_seconds:.1f} s; saved to {args.out}")
+    qc = json.loads((args.out / "config.json").read_text())["quantization_config"]
+    print(json.dumps({k: qc[k] for k in ("config", "method", "state_quant", "state_scale", "format_version")}))
+    return 0

@@ -1,0 +1,46 @@
+"""8-bit embedding and lm_head (the `quantize_head` option): int8 codes with one float32 scale
+per vocabulary row. A tied head reads the embedding's codes, so tying survives quantization."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .primitives import quantize, symmetric_scale
+
+HEAD_BITS = 8
+
+
+class QEmbedding(nn.Module):
+    def __init__(self, num: int, dim: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.dtype = dtype
+        self.register_buffer("codes", torch.zeros(num, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(num, 1, dtype=torch.float32, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, emb: nn.Embedding) -> "QEmbedding":
+        w = emb.weight.detach()
+        m = cls(w.shape[0], w.shape[1], w.dtype, w.device)
+        m.scale.copy_(symmetric_scale(w.float().abs().amax(1, keepdim=True), HEAD_BITS))
+        m.codes.copy_(quantize(w.float(), m.scale, HEAD_BITS))
+        return m
+
+    def dequantized(self) -> Tensor:
+        return (self.codes.float() * self.scale).to(self.dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return (F.embedding(ids, self.codes).float() * F.embedding(ids, self.scale)).to(self.dtype)
+
+
+class TiedQHead(nn.Module):
+    """lm_head tied to a QEmbedding: logits = h @ dequant(codes)^T. Holds no tensors itself."""
+
+    def __init__(self, embedding: QEmbedding):
+        super().__init__()
+        self._emb = [embedding]          # a list keeps it out of this module's state dict
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self._emb[0].dequantized().to(hidden.dtype))

@@ -1,0 +1,120 @@
+"""The exact per-token quantized recurrence, fast: one fused step per token.
+
+    h_t = Q(exp(dt_t A) h_{t-1} + dt_t x_t B_t),   y_t = <h_t, C_t> + D x_t
+
+`selective_scan_ref(..., state_fn=quantizer)` is the reference (about ten elementwise passes
+over the (b, d, n) state per token); here the update, the quantize-dequantize and the read-out of
+one token are one function, compiled by `torch.compile` (inductor fuses them into one loop) where
+a compiler is available, eager otherwise. Same numbers as the reference up to float rounding
+(test: tests/quant/test_qscan.py). Used for evaluation (no gradient, round-to-nearest);
+calibration, stochastic rounding and reconstruction go through the reference path.
+
+Shapes use the glossary of `qmamba.models.scan`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..models.scan import _per_channel
+
+_COMPILED: dict = {}
+
+
+def _dsq_or_plain(v: Tensor, scale: Tensor, qmax: float) -> Tensor:
+    return torch.round(v / scale).clamp(-qmax, qmax) * scale
+
+
+def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int):
+    """The fused token step for one quantizer layout (constants baked in)."""
+
+    def step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             s_n: Tensor, static: Tensor) -> tuple[Tensor, Tensor]:
+        b, d = x.shape
+        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * _per_channel(B, d)   # (b, d, n)
+        if kind == "head":
+            v = h.unflatten(1, (heads, d // heads))                         # (b, h, p, n)
+            dims = (2, 3)
+        elif kind == "group":
+            v = h.unflatten(2, (h.shape[-1] // group, group))                # (b, d, n/gs, gs)
+            dims = (3,)
+        elif kind == "dsq":
+            v = h / s_n
+            dims = (2,)
+        else:
+            v = h
+            dims = {"tensor": (1, 2), "channel": (2,), "state": (1,)}[kind]
+        if dynamic:
+            scale = (v.abs().amax(dim=dims, keepdim=True) / qmax).clamp(2.0 ** -24, 65504.0).half().float()
+        else:
+            scale = static
+        v = _dsq_or_plain(v, scale, qmax)
+        if kind == "head":
+            h = v.flatten(1, 2)
+        elif kind == "group":
+            h = v.flatten(2, 3)
+        elif kind == "dsq":
+            h = v * s_n
+        else:
+            h = v
+        y = (h * _per_channel(C, d)).sum(-1)                                # (b, d)
+        return h, y
+
+    return step
+
+
+def compile_enabled() -> bool:
+    """torch.compile for the quantized scan: on unless QMAMBA_COMPILE=0 (tests run eager)."""
+    return os.environ.get("QMAMBA_COMPILE", "1") != "0"
+
+
+def _step_for(q, device: torch.device):
+    key = (q.kind, q.scale_mode == "dynamic", float(q.qmax), q.d // q.headdim, q.group_size, device.type,
+           compile_enabled())
+    if key not in _COMPILED:
+        fn = make_step(q.kind, key[1], key[2], key[3], key[4])
+        if key[-1]:
+            try:
+                import torch._dynamo
+                import torch._inductor.config
+
+                # keep the float16 rounding of dynamic scales (inductor drops down/up casts unless
+                # told to emulate them), and allow one graph per quantizer layout
+                torch._inductor.config.emulate_precision_casts = True
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                fn = torch.compile(fn, dynamic=True)
+            except Exception:          # no compiler backend here: eager it is
+                pass
+        _COMPILED[key] = fn
+    return _COMPILED[key]
+
+
+@torch.no_grad()
+def quantized_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                   quantizer, h0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Exact quantized recurrence, shapes as `selective_scan_ref`. Returns y (b, l, d), h_l."""
+    b, length, d = x.shape
+    h = x.new_zeros((b, d, B.shape[-1]), dtype=torch.float32) if h0 is None else h0.float()
+    x32, dt32, B32, C32 = x.float(), dt.float(), B.float(), C.float()
+    step = _step_for(quantizer, x.device)
+    s_n = quantizer.s_n.detach().float()
+    static = quantizer.static_scale.detach().float().clamp(min=1e-12)
+    ys = []
+    try:
+        for t in range(length):
+            h, y = step(h, x32[:, t], dt32[:, t], A, B32[:, t], C32[:, t], s_n, static)
+            ys.append(y)
+    except Exception:
+        if not compile_enabled():
+            raise
+        # a compiled step that fails on this machine (no working C++ toolchain): fall back
+        os.environ["QMAMBA_COMPILE"] = "0"
+        return quantized_scan(x, dt, A, B, C, D, quantizer, h0)
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + D * x32
+    return y, h
