@@ -47,7 +47,12 @@ def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, meth
     else:
         ids = calibration_ids(tokenizer, Path(calib) if calib is not None else None, nsamples, seqlen, seed)
     fn = get_method(method).fn
-    unknown = set(method_options or {}) - set(inspect.signature(fn).parameters)
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unknown = set() if takes_any else set(method_options or {}) - set(params)
+    if takes_any:
+        from .methods.esr import ESRConfig
+        unknown = set(method_options or {}) - set(params) - set(ESRConfig.__dataclass_fields__)
     if unknown:
         raise QMambaError(f"method {method} has no option(s) {', '.join(sorted(unknown))}")
     t0 = time.time()

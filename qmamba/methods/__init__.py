@@ -47,4 +47,4 @@ def available() -> list[str]:
 
 
 def _load_all():
-    from . import dsq, quamba, rtn, smoothquant  # noqa: F401  (each registers itself)
+    from . import dsq, qmamba, quamba, rtn, smoothquant  # noqa: F401  (each registers itself)

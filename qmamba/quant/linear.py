@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activation import ActQuantizer
-from .primitives import pack, quantize, symmetric_scale, to_groups, unpack
+from .primitives import pack, qrange, quantize, symmetric_scale, to_groups, unpack
+
+CLIP_MIN = 0.3      # learned weight clipping never shrinks a range below 30%
 
 
 def weight_scale(w: Tensor, bits: int, group_size: int = 0, clip: Optional[Tensor] = None) -> Tensor:
@@ -95,6 +97,39 @@ class QLinear(nn.Module):
         self.register_buffer("w_scale", scale)
         return self
 
+    # ---------------------------------------------------------------- ESR: learnable clipping
+    def learn_weight_clipping(self, w_bits: int, group_size: int = 0) -> nn.Parameter:
+        """Fake-quantize the (float) weight at `w_bits` in forward with learnable clip factors
+        (per output channel or group, initialised at 1 = round-to-nearest); returns them."""
+        if group_size and self.in_features % group_size:
+            group_size = 0
+        self.learn_bits, self.learn_group = w_bits, group_size
+        shape = (self.out_features, self.in_features // group_size, 1) if group_size else (self.out_features, 1)
+        self.w_clip = nn.Parameter(torch.ones(shape, device=self.weight.device))
+        return self.w_clip
+
+    def learned_clip(self) -> Tensor:
+        return self.w_clip.clamp(CLIP_MIN, 1.0)
+
+    def _fake_weight(self) -> Tensor:
+        w = self.weight.float()
+        scale = weight_scale(w, self.learn_bits, self.learn_group, self.learned_clip())
+        wg = to_groups(w, self.learn_group) if self.learn_group else w
+        qmax = qrange(self.learn_bits)[1]
+        v = wg / scale
+        q = torch.round(v.detach()).clamp(-qmax, qmax) + (v - v.detach()) * (v.detach().abs() <= qmax)
+        w_hat = q * scale
+        return w_hat.flatten(-2) if self.learn_group else w_hat
+
+    @torch.no_grad()
+    def finish_weight_learning(self) -> "QLinear":
+        """Round the weight with the learned clip factors (what forward simulated), in place."""
+        clip = self.learned_clip().detach()
+        bits, group = self.learn_bits, self.learn_group
+        del self.w_clip
+        del self.learn_bits, self.learn_group
+        return self.quantize_weights_(bits, group, clip)
+
     def extra_repr(self) -> str:
         w = "float" if self.w_bits is None else f"W{self.w_bits}" + (f" g{self.group_size}" if self.group_size else "")
         return f"in={self.in_features}, out={self.out_features}, {w}, bias={self.bias is not None}"
@@ -110,5 +145,5 @@ class QLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quant(x)
-        w = self.dequantized_weight(torch.float32).to(x.dtype)
+        w = (self._fake_weight() if hasattr(self, "w_clip") else self.dequantized_weight(torch.float32)).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

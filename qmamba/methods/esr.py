@@ -1,0 +1,211 @@
+"""ESR: Efficient Selectivity Reconstruction (Q-Mamba), block-wise reconstruction in the style of
+OmniQuant / BRECQ whose quantization simulation of the state keeps a parallel scan.
+
+For block i (blocks are the residual layers, i = 0..L-1):
+  1. FP target   Y_i = block_fp(X_fp_i) on the calibration set (quantizers off, float weights);
+  2. train the block's quantization parameters on the quantized model's own input X_q_i:
+     minimise ||block_q(X_q_i) - Y_i||^2 with AdamW and straight-through rounding, the state
+     recurrence simulated by `qmamba.quant.sim` (`sim`). Learned: weight clipping factors
+     (per output channel), static activation scales, the DSQ state-axis scales s_n and static
+     state scales, and optionally the dt bias;
+  3. freeze: round the weights with the learned clipping, X_q_{i+1} = block_q(X_q_i) under the
+     EXACT per-token recurrence (never the simulation), X_fp_{i+1} = Y_i.
+The loss of each block before and after is measured with the exact recurrence. With `resume_dir`
+every finished block is saved (its tensors and the next inputs), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import QMambaError
+from ..quant.activation import ActQuantizer
+from ..quant.apply import LINEARS
+from ..quant.linear import QLinear
+from ..quant.sim import SIMS, StateSim
+from ..quant.state import StateQuantizer
+
+log = logging.getLogger("qmamba.esr")
+
+
+@dataclass
+class ESRConfig:
+    sim: str = "errscan"          # one of qmamba.quant.sim.SIMS
+    epochs: int = 2
+    batch_size: int = 4
+    nsamples: int = 32            # calibration sequences used (the first N of the calibration set)
+    seqlen: int = 256             # tokens per sequence (the first L tokens of each)
+    lr: float = 5e-3              # relative learning rate of scales and clip factors
+    learn_weights: bool = True    # weight clipping factors
+    learn_acts: bool = True       # static activation scales
+    learn_state: bool = True      # s_n and static state scales
+    learn_dt_bias: bool = False
+    chunk: int = 32               # chunk length of the "chunk" simulation
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sim not in SIMS:
+            raise QMambaError(f"unknown ESR simulation {self.sim!r}; choose one of {', '.join(SIMS)}")
+        for k in ("epochs", "batch_size", "nsamples", "seqlen"):
+            if getattr(self, k) <= 0:
+                raise QMambaError(f"ESR {k} must be positive")
+
+
+def _mse(block, X: Tensor, Y: Tensor, bs: int) -> float:
+    with torch.no_grad():
+        tot = sum(F.mse_loss(block(X[i:i + bs]).float(), Y[i:i + bs], reduction="sum").item()
+                  for i in range(0, len(X), bs))
+    return tot / Y.numel()
+
+
+def _run(block, X: Tensor, bs: int) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([block(X[i:i + bs]).float() for i in range(0, len(X), bs)])
+
+
+def _learnable(block, qcfg, cfg: ESRConfig, arch: str) -> list[dict]:
+    """Make this block's quantization parameters trainable; AdamW groups with learning rates
+    relative to each parameter's magnitude (scales span orders of magnitude)."""
+    mixer = block.mixer
+    groups = []
+
+    def add(p: torch.nn.Parameter):
+        p.requires_grad_(True)
+        mag = p.detach().abs().mean().clamp(min=1e-8).item()
+        groups.append({"params": [p], "lr": cfg.lr * mag, "weight_decay": 0.0})
+
+    if cfg.learn_weights and qcfg.w_bits is not None:
+        for name in LINEARS[arch]:
+            lin = getattr(mixer, name)
+            if isinstance(lin, QLinear) and lin.w_bits is None:
+                add(lin.learn_weight_clipping(qcfg.w_bits, qcfg.w_group_size))
+    for m in mixer.modules():
+        if cfg.learn_acts and isinstance(m, ActQuantizer) and not m.dynamic:
+            add(m.scale)
+        if cfg.learn_state and isinstance(m, StateQuantizer):
+            if m.kind == "dsq":
+                add(m.s_n)
+            if m.scale_mode == "static":
+                add(m.static_scale)
+    if cfg.learn_dt_bias:
+        add(mixer.dt_bias if hasattr(mixer, "dt_bias") else mixer.dt_proj.bias)
+    return groups
+
+
+def _freeze(block):
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for m in block.modules():
+        if isinstance(m, QLinear) and hasattr(m, "w_clip"):
+            m.finish_weight_learning()
+        if isinstance(m, StateQuantizer):
+            m.s_n.data.clamp_(min=1e-6)
+            m.static_scale.data.clamp_(min=1e-12)
+        if isinstance(m, ActQuantizer):
+            m.scale.data.clamp_(min=1e-12)
+
+
+def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional[Path] = None,
+                progress: bool = True) -> list[dict]:
+    """Run ESR in place on a model whose quantizers are installed and calibrated and whose
+    linears still hold float weights. Returns one record per block."""
+    arch = model.config.arch
+    device = next(model.parameters()).device
+    ids = calib[: cfg.nsamples, : cfg.seqlen].to(device)
+    layers = model.backbone.layers
+    records: list[dict] = []
+    with torch.no_grad():
+        X_fp = model.backbone.embeddings(ids).float()                      # (N, L, d_model)
+    X_q = X_fp.clone()
+    start = 0
+    if resume_dir is not None:
+        resume_dir = Path(resume_dir)
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        start, X_fp, X_q, records = _resume(model, resume_dir, X_fp, X_q, qcfg)
+    bar = tqdm(range(start, len(layers)), desc="ESR", unit="block", disable=not progress)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for i in bar:
+        block = layers[i]
+        t0 = time.time()
+        fp_block = copy.deepcopy(block)
+        for m in fp_block.modules():
+            if isinstance(m, (ActQuantizer, StateQuantizer)):
+                m.mode = "off"
+        Y = _run(fp_block, X_fp, cfg.batch_size)                            # FP target
+        del fp_block
+        groups = _learnable(block, qcfg, cfg, arch)
+        before = _mse(block, X_q, Y, cfg.batch_size)
+        if groups:
+            mixer = block.mixer
+            if mixer.state_quant is not None:
+                mixer.state_sim = StateSim(cfg.sim, mixer.state_quant, cfg.chunk)
+            opt = torch.optim.AdamW(groups)
+            block.train()
+            for _ in range(cfg.epochs):
+                for idx in torch.randperm(len(X_q), generator=g).split(cfg.batch_size):
+                    loss = F.mse_loss(block(X_q[idx]).float(), Y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            block.eval()
+            mixer.state_sim = None
+        _freeze(block)
+        after = _mse(block, X_q, Y, cfg.batch_size)
+        X_q, X_fp = _run(block, X_q, cfg.batch_size), Y
+        rec = {"block": i, "mse_before": before, "mse_after": after, "seconds": round(time.time() - t0, 2)}
+        records.append(rec)
+        bar.set_postfix(block=i, before=f"{before:.3g}", after=f"{after:.3g}")
+        log.info("ESR block %d: mse %.4g -> %.4g (%.1f s)", i, before, after, rec["seconds"])
+        if resume_dir is not None:
+            _save_block(model, resume_dir, i, X_fp, X_q, records, qcfg, cfg)
+    return records
+
+
+# ------------------------------------------------------------------------- resume
+def _block_tensors(model, i: int) -> dict:
+    prefix = f"backbone.layers.{i}."
+    return {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def _save_block(model, folder: Path, i: int, X_fp, X_q, records, qcfg, cfg):
+    tmp = folder / f"block{i}.pt.tmp"
+    torch.save({"block": _block_tensors(model, i), "X_fp": X_fp, "X_q": X_q}, tmp)
+    tmp.replace(folder / f"block{i}.pt")
+    meta = {"done": i, "records": records, "config": qcfg.to_dict(), "esr": asdict(cfg)}
+    (folder / "progress.json").write_text(json.dumps(meta, indent=1))
+    prev = folder / f"block{i - 1}.pt"
+    if prev.exists():                      # keep the next inputs of the last block only
+        data = torch.load(prev, weights_only=True)
+        torch.save({"block": data["block"]}, prev)
+
+
+def _resume(model, folder: Path, X_fp, X_q, qcfg):
+    prog = folder / "progress.json"
+    if not prog.exists():
+        return 0, X_fp, X_q, []
+    meta = json.loads(prog.read_text())
+    if meta.get("config") != qcfg.to_dict():
+        raise QMambaError(f"ESR resume folder {folder} belongs to another configuration; remove it")
+    done = int(meta["done"])
+    for i in range(done + 1):
+        data = torch.load(folder / f"block{i}.pt", weights_only=True)
+        block = model.backbone.layers[i]
+        for m in block.modules():         # rebuild the finished block's integer weights, then load
+            if isinstance(m, QLinear) and m.w_bits is None and qcfg.w_bits is not None:
+                m.quantize_weights_(qcfg.w_bits, qcfg.w_group_size)
+        block.load_state_dict(data["block"])
+        if i == done:
+            X_fp, X_q = data["X_fp"], data["X_q"]
+    log.info("ESR: resumed after block %d from %s", done, folder)
+    return done + 1, X_fp, X_q, meta["records"]

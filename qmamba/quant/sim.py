@@ -1,0 +1,87 @@
+"""Quantization simulations of the state recurrence for ESR (Efficient Selectivity
+Reconstruction), the training-time stand-ins for the exact quantized recurrence
+
+    h_t = Q(a_t h_{t-1} + u_t),  a_t = exp(dt_t A),  u_t = dt_t x_t B_t,  y_t = <h_t, C_t> + D x_t
+
+which is non-linear in time and so has no parallel scan. Each simulation is differentiable
+(straight-through rounding; the quantizer's scales get LSQ-style gradients) and returns y:
+
+  "readout"  (A) FP parallel scan, then y_t = <Q(h_t), C_t>: every read sees a quantized state,
+             but quantization errors do not propagate through time;
+  "chunk"    (B) quantize only the states carried between chunks of `chunk` tokens: errors
+             propagate from chunk to chunk, the scan inside a chunk stays float and parallel;
+  "errscan"  (C) error propagation: Q(a h + u) = a h + u + e, so the quantized trajectory is the FP
+             one plus a second LINEAR scan of the per-step errors e_t = Q(h_t) - h_t, estimated on
+             the FP states h_t; both scans are parallel;
+  "exact"    (D) the exact sequential recurrence with straight-through rounding (the reference;
+             a Python loop over time under autograd, slow).
+
+Shapes use the glossary of `qmamba.models.scan` (per-channel forms: x, dt (b, l, d); A (d, n) or
+(d, 1); B, C (b, l, g, n); D (d,)).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..models.scan import _per_channel, linear_scan, selective_scan_ref
+
+SIMS = ("readout", "chunk", "errscan", "exact")
+
+
+def _discretize(x: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """a (b, l, d, n|1) and u (b, l, d, n) of the recurrence."""
+    d = x.shape[-1]
+    a = torch.exp(dt.float().unsqueeze(-1) * A)                             # (b, l, d, n|1)
+    u = (dt.float() * x.float()).unsqueeze(-1) * _per_channel(B.float(), d)  # (b, l, d, n)
+    return a, u
+
+
+def _fake(quantizer, hs: Tensor) -> Tensor:
+    """Fake-quantize every state of a trajectory (b, l, d, n)."""
+    b, length = hs.shape[:2]
+    return quantizer.fake_quant(hs.flatten(0, 1)).unflatten(0, (b, length))
+
+
+def _readout(hs: Tensor, x: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
+    y = (hs * _per_channel(C.float(), x.shape[-1])).sum(-1)                 # (b, l, d)
+    return y if D is None else y + D * x.float()
+
+
+class StateSim(nn.Module):
+    """Installed as `mixer.state_sim`; the mixer calls it in training mode instead of the exact
+    quantized recurrence. Holds no parameters (it reads the mixer's state quantizer)."""
+
+    def __init__(self, kind: str, quantizer, chunk: int = 32):
+        super().__init__()
+        if kind not in SIMS:
+            raise ValueError(f"unknown ESR simulation {kind!r}; choose one of {', '.join(SIMS)}")
+        self.kind, self.chunk = kind, chunk
+        self._q = [quantizer]          # not a submodule: its parameters belong to the mixer
+
+    def forward(self, x, dt, A, B, C, D, h0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        q = self._q[0]
+        if self.kind == "exact":
+            return selective_scan_ref(x, dt, A, B, C, D, h0, q.fake_quant)
+        a, u = _discretize(x, dt, A, B)
+        if self.kind == "chunk":
+            return self._chunked(a, u, x, C, D, h0, q)
+        hs = linear_scan(a, u, h0)                                          # (b, l, d, n) FP states
+        if self.kind == "readout":
+            hq = _fake(q, hs)
+        else:   # errscan
+            e = _fake(q, hs) - hs                                           # per-step errors at FP states
+            hq = hs + linear_scan(a, e, None)
+        return _readout(hq, x, C, D), hq[:, -1]
+
+    def _chunked(self, a, u, x, C, D, h0, q):
+        outs, h = [], h0
+        for s in range(0, u.shape[1], self.chunk):
+            hs = linear_scan(a[:, s:s + self.chunk], u[:, s:s + self.chunk], h)   # (b, k, d, n)
+            outs.append(hs)
+            h = q.fake_quant(hs[:, -1])                                     # the carried state is stored
+        hs = torch.cat(outs, dim=1)
+        return _readout(hs, x, C, D), h
