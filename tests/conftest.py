@@ -16,6 +16,9 @@ _HF_HOME = tempfile.mkdtemp(prefix="qmamba-tests-hf-")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# eager quantized scan in tests (compiling costs seconds per layout); the compiled path has its
+# own test against eager (tests/quant/test_state.py)
+os.environ.setdefault("QMAMBA_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 
 from ..models.lm import MambaLM
+from ..quant.checkpoint import SCALE_SUFFIXES
 
 
 def _unique_tensors(model: torch.nn.Module):
@@ -58,9 +59,6 @@ def fp16_state_bytes(model: MambaLM, batch: int) -> dict:
     d, n = cfg.d_inner, cfg.d_state
     return {"conv": batch * cfg.conv_dim * (cfg.d_conv - 1) * 2 * cfg.n_layer,
             "ssm": batch * d * n * 2 * cfg.n_layer}
-
-
-SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale")
 
 
 @torch.no_grad()

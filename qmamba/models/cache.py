@@ -15,17 +15,18 @@ from torch import Tensor
 
 
 class SSMState:
-    """Float SSM state (b, d, n), float32 like mamba_ssm's cache."""
+    """Float SSM state (b, d, n) stored in the cache's dtype (the model's, as transformers and
+    mamba_ssm store it); the recurrence itself always runs in float32."""
 
     def __init__(self, h: Tensor):
         self.h = h
 
     def read(self) -> Tensor:
-        return self.h
+        return self.h.float()
 
     def write(self, h: Tensor) -> Tensor:
-        self.h = h
-        return h
+        self.h = h.to(self.h.dtype)
+        return self.h.float()
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensors that hold the state in memory (for the memory report)."""
@@ -59,11 +60,3 @@ class InferenceCache:
             for name, t in layer.tensors().items():
                 out["conv" if name == "conv" else "ssm"] += t.numel() * t.element_size()
         return out
-
-
-def float_layer_state(batch: int, conv_dim: int, d_conv: int, d: int, n: int,
-                      dtype: torch.dtype, device) -> LayerState:
-    return LayerState(
-        conv=torch.zeros(batch, conv_dim, d_conv - 1, dtype=dtype, device=device),
-        ssm=SSMState(torch.zeros(batch, d, n, dtype=torch.float32, device=device)),
-    )

@@ -47,6 +47,14 @@ class Mamba1Mixer(MixerBase):
         dt = self.quant_dt(F.softplus(self.dt_proj(dt)))
         return x, dt, self.quant_B(B), self.quant_C(C)
 
+    def parallel_scan(self, x, dt, B, C, h0):
+        """x, dt (b, l, d); B, C (b, l, n) -> y (b, l, d), h (b, d, n)."""
+        A = -torch.exp(self.A_log.float())                                  # (d, n)
+        return selective_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.D.float(), h0)
+
+    def per_channel(self, x, dt, B, C):
+        return x, dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2), self.D.float()
+
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                        # (b, l, d) each
@@ -56,14 +64,7 @@ class Mamba1Mixer(MixerBase):
             self.conv_write(state, conv_tail(x, self.conv1d.weight.shape[-1], prev))
         x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, prev))
         x, dt, B, C = self._ssm_inputs(x)                                   # B, C (b, l, n)
-        A = -torch.exp(self.A_log.float())                                  # (d, n)
-        if self.state_quant is None:
-            h0 = None if state is None else state.ssm.read()
-            y, h = selective_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.D.float(), h0)
-            if state is not None:
-                state.ssm.write(h)
-        else:
-            y, _ = self._quantized_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.D.float(), state)
+        y = self.scan(x, dt, B, C, state)                                   # (b, l, d)
         y = y.to(hidden.dtype) * F.silu(self.quant_z(z))                    # (b, l, d)
         return self.out_proj(y)
 

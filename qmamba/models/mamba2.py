@@ -62,9 +62,22 @@ class Mamba2Mixer(MixerBase):
         """Per-head values (..., h) -> per-channel (..., d)."""
         return t.repeat_interleave(self.headdim, dim=-1)
 
+    def parallel_scan(self, x, dt, B, C, h0):
+        """x (b, l, d); dt (b, l, h); B, C (b, l, g, n) -> y (b, l, d), h (b, d, n) by chunked SSD."""
+        b = x.shape[0]
+        A = -torch.exp(self.A_log.float())                                  # (h,)
+        h0 = None if h0 is None else h0.view(b, self.nheads, self.headdim, -1)
+        y, h = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A, B, C, self.D.float(),
+                        self.chunk_size, h0)
+        return y.flatten(-2), h.flatten(1, 2)
+
+    def per_channel(self, x, dt, B, C):
+        A = -torch.exp(self.A_log.float())
+        return (x, self._per_channel(dt), self._per_channel(A)[:, None], B, C,
+                self._per_channel(self.D.float()))
+
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
-        b, length, _ = hidden.shape
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC = self.quant_conv(xBC)
         prev = None if state is None else self.conv_read(state, xBC.dtype)
@@ -72,18 +85,7 @@ class Mamba2Mixer(MixerBase):
             self.conv_write(state, conv_tail(xBC, self.conv1d.weight.shape[-1], prev))
         xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, prev))
         x, dt, B, C = self._ssm_inputs(xBC, dt)                             # B, C (b, l, g, n)
-        A = -torch.exp(self.A_log.float())                                  # (h,)
-        if self.state_quant is None:
-            h0 = None if state is None else state.ssm.read().view(b, self.nheads, self.headdim, -1)
-            y, h = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A, B, C,
-                            self.D.float(), self.chunk_size, h0)
-            y = y.flatten(-2)                                               # (b, l, d)
-            if state is not None:
-                state.ssm.write(h.flatten(1, 2))
-        else:
-            y, _ = self._quantized_scan(
-                x, self._per_channel(dt), self._per_channel(A)[:, None], B, C,
-                self._per_channel(self.D.float()), state)
+        y = self.scan(x, dt, B, C, state)                                   # (b, l, d)
         y = self.norm(y.to(hidden.dtype), self.quant_z(z))
         return self.out_proj(y)
 

@@ -37,23 +37,38 @@ class MixerBase(nn.Module):
         # "exact" = the per-token quantized recurrence; ESR installs simulations while training
         self.state_sim: Optional[nn.Module] = None
 
-    def _quantized_scan(self, x, dt, A, B, C, D, state: Optional[LayerState]):
-        """Per-channel shapes of `selective_scan_ref`. With a state (prompt into a cache) every
-        token's state is written into the cache's store, otherwise through the fake quantizer."""
-        q = self.state_quant
+    # each mixer provides its scan inputs in two forms: native (parallel_scan) and per-channel
+    # (the shapes of `selective_scan_ref`, shared by the sequential and simulated paths)
+    def parallel_scan(self, x, dt, B, C, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def per_channel(self, x, dt, B, C) -> tuple:
+        raise NotImplementedError
+
+    def scan(self, x, dt, B, C, state: Optional[LayerState]) -> Tensor:
+        """The selective scan of the mixer's native inputs; reads and updates `state` if given.
+        Float state: the parallel scan. Quantized state: the exact per-token recurrence (or, while
+        ESR trains, its simulation). Returns y (b, l, d) in float32."""
         h0 = None if state is None else state.ssm.read()
+        q = self.state_quant
+        if q is None:
+            y, h = self.parallel_scan(x, dt, B, C, h0)
+            if state is not None:
+                state.ssm.write(h)
+            return y
+        if state is None:
+            q.reseed()                 # a pass over whole sequences: the same noise every time
         if self.state_sim is not None and self.training:
-            return self.state_sim(x, dt, A, B, C, D, h0)
+            return self.state_sim(self, x, dt, B, C, h0)[0]
+        args = self.per_channel(x, dt, B, C)
         if q.mode == "quant" and q.rounding == "nearest" and not torch.is_grad_enabled():
             from ..quant.qscan import quantized_scan      # fused per-token step, same numbers
 
-            y, h = quantized_scan(x, dt, A, B, C, D, q, h0)
+            y, h = quantized_scan(*args, q, h0)
             if state is not None:
                 state.ssm.write(h)                        # re-quantizing a stored state is exact
-            return y, h
-        if state is not None:
-            return selective_scan_ref(x, dt, A, B, C, D, h0, state.ssm.write)
-        return selective_scan_ref(x, dt, A, B, C, D, None, q)
+            return y
+        return selective_scan_ref(*args, h0, q if state is None else state.ssm.write)[0]
 
     def ssm_state_shape(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -85,7 +100,7 @@ class MixerBase(nn.Module):
         if self.state_quant is not None:
             ssm = self.state_quant.allocate(batch, device)
         else:
-            ssm = SSMState(torch.zeros(batch, d, n, dtype=torch.float32, device=device))
+            ssm = SSMState(torch.zeros(batch, d, n, dtype=dtype, device=device))
         return LayerState(conv=conv, ssm=ssm)
 
 

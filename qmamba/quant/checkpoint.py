@@ -25,6 +25,7 @@ from .apply import install_quantizers, quantize_weights
 from .config import FORMAT_VERSION, QuantConfig
 
 QUANT_METHOD = "qmamba"
+SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale")   # kept in float32 whatever the dtype
 
 
 def quantization_config(model: MambaLM) -> dict:
@@ -81,11 +82,15 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
         raise QMambaError(f"quantized checkpoint does not match its config: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
     for k, t in state_dict.items():
-        if tuple(t.shape) != tuple(expected[k].shape) or t.dtype.is_floating_point != expected[k].dtype.is_floating_point:
+        e = expected[k]
+        same_kind = t.dtype == e.dtype if not e.dtype.is_floating_point else t.dtype.is_floating_point
+        if k.endswith(SCALE_SUFFIXES):
+            same_kind = t.dtype == torch.float32
+        if tuple(t.shape) != tuple(e.shape) or not same_kind:
             raise QMambaError(f"tensor {k} has shape {tuple(t.shape)} {t.dtype}, the config expects "
                               f"{tuple(expected[k].shape)} {expected[k].dtype}")
     sd = {k: (t.to(dtype) if t.is_floating_point() and expected[k].dtype != t.dtype
-              and not k.endswith(("w_scale", ".scale", "s_n", "static_scale")) else t).to(device)
+              and not k.endswith(SCALE_SUFFIXES) else t).to(device)
           for k, t in state_dict.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):

@@ -56,7 +56,7 @@ class QLinear(nn.Module):
         if w_bits is None:           # activation-only quantization (e.g. W16A8)
             self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
         else:
-            cols = in_features // 2 if w_bits <= 4 else in_features
+            cols = (in_features + 1) // 2 if w_bits <= 4 else in_features
             qdtype = torch.uint8 if w_bits <= 4 else torch.int8
             self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=qdtype, device=device))
             sshape = (out_features, in_features // group_size, 1) if group_size else (out_features, 1)
@@ -136,7 +136,7 @@ class QLinear(nn.Module):
 
     def codes(self) -> Tensor:
         """Weight codes (out, in) int8."""
-        return unpack(self.qweight, self.w_bits)
+        return unpack(self.qweight, self.w_bits, self.in_features)
 
     def dequantized_weight(self, dtype=torch.float32) -> Tensor:
         if self.w_bits is None:

@@ -130,9 +130,16 @@ def unpack_int4(p: Tensor) -> Tensor:
 
 
 def pack(q: Tensor, bits: int) -> Tensor:
-    """Codes as stored: bits <= 4 two per byte, else as they are (int8)."""
-    return pack_int4(q) if bits <= 4 else q
+    """Codes as stored: bits <= 4 two per byte (an odd last dim padded with one zero code),
+    else as they are (int8)."""
+    if bits > 4:
+        return q
+    if q.shape[-1] % 2:
+        q = torch.cat([q, q.new_zeros(q.shape[:-1] + (1,))], dim=-1)
+    return pack_int4(q)
 
 
-def unpack(p: Tensor, bits: int) -> Tensor:
-    return unpack_int4(p) if bits <= 4 else p
+def unpack(p: Tensor, bits: int, size: Optional[int] = None) -> Tensor:
+    """Inverse of `pack`; `size` drops the padding code of an odd last dim."""
+    q = unpack_int4(p) if bits <= 4 else p
+    return q if size is None else q[..., :size]

@@ -14,6 +14,7 @@ Shapes use the glossary of `qmamba.models.scan`.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -22,11 +23,8 @@ from torch import Tensor
 
 from ..models.scan import _per_channel
 
+log = logging.getLogger("qmamba")
 _COMPILED: dict = {}
-
-
-def _dsq_or_plain(v: Tensor, scale: Tensor, qmax: float) -> Tensor:
-    return torch.round(v / scale).clamp(-qmax, qmax) * scale
 
 
 def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int):
@@ -52,7 +50,7 @@ def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int):
             scale = (v.abs().amax(dim=dims, keepdim=True) / qmax).clamp(2.0 ** -24, 65504.0).half().float()
         else:
             scale = static
-        v = _dsq_or_plain(v, scale, qmax)
+        v = torch.round(v / scale).clamp(-qmax, qmax) * scale             # quantize -> dequantize
         if kind == "head":
             h = v.flatten(1, 2)
         elif kind == "group":
@@ -73,24 +71,53 @@ def compile_enabled() -> bool:
 
 
 def _step_for(q, device: torch.device):
-    key = (q.kind, q.scale_mode == "dynamic", float(q.qmax), q.d // q.headdim, q.group_size, device.type,
-           compile_enabled())
+    key = (q.kind, q.scale_mode == "dynamic", float(q.qmax), q.d // q.headdim, q.group_size, device.type)
+    eager = make_step(*key[:5])
+    if not compile_enabled():
+        return eager, eager
     if key not in _COMPILED:
-        fn = make_step(q.kind, key[1], key[2], key[3], key[4])
-        if key[-1]:
-            try:
-                import torch._dynamo
-                import torch._inductor.config
+        fn = eager
+        try:
+            import torch._dynamo
+            import torch._inductor.config
 
-                # keep the float16 rounding of dynamic scales (inductor drops down/up casts unless
-                # told to emulate them), and allow one graph per quantizer layout
-                torch._inductor.config.emulate_precision_casts = True
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                fn = torch.compile(fn, dynamic=True)
-            except Exception:          # no compiler backend here: eager it is
-                pass
+            # keep the float16 rounding of dynamic scales (inductor drops down/up casts unless told
+            # to emulate them); static shapes: with dynamic=True inductor miscompiled this step
+            # (codes clamped wrongly), so one graph per batch size, and a check against eager
+            torch._inductor.config.emulate_precision_casts = True
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            fn = torch.compile(eager, dynamic=False)
+        except Exception:          # no compiler backend here: eager it is
+            pass
         _COMPILED[key] = fn
-    return _COMPILED[key]
+    return _COMPILED[key], eager
+
+
+_CHECKED: set = set()
+
+
+def _checked_step(q, device, args) -> object:
+    """The compiled step, after checking it against eager on these inputs (once per layout and
+    shape); on any mismatch or failure, eager for good (a miscompile must never change results)."""
+    step, eager = _step_for(q, device)
+    if step is eager:
+        return eager
+    key = (id(step), tuple(args[0].shape))
+    if key in _CHECKED:
+        return step
+    try:
+        h1, y1 = step(*args)
+        h2, y2 = eager(*args)
+        ok = torch.allclose(h1, h2, rtol=1e-5, atol=1e-6) and torch.allclose(y1, y2, rtol=1e-4, atol=1e-5)
+    except Exception:
+        ok = False
+    if not ok:
+        log.warning("qmamba: the compiled quantized scan disagrees with eager here; using eager")
+        for k in [k for k, v in _COMPILED.items() if v is step]:
+            _COMPILED[k] = eager
+        return eager
+    _CHECKED.add(key)
+    return step
 
 
 @torch.no_grad()
@@ -100,20 +127,16 @@ def quantized_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
     b, length, d = x.shape
     h = x.new_zeros((b, d, B.shape[-1]), dtype=torch.float32) if h0 is None else h0.float()
     x32, dt32, B32, C32 = x.float(), dt.float(), B.float(), C.float()
-    step = _step_for(quantizer, x.device)
     s_n = quantizer.s_n.detach().float()
     static = quantizer.static_scale.detach().float().clamp(min=1e-12)
     ys = []
-    try:
-        for t in range(length):
-            h, y = step(h, x32[:, t], dt32[:, t], A, B32[:, t], C32[:, t], s_n, static)
-            ys.append(y)
-    except Exception:
-        if not compile_enabled():
-            raise
-        # a compiled step that fails on this machine (no working C++ toolchain): fall back
-        os.environ["QMAMBA_COMPILE"] = "0"
-        return quantized_scan(x, dt, A, B, C, D, quantizer, h0)
+    step = _step_for(quantizer, x.device)[1]              # eager for the first token, then the
+    for t in range(length):                               # compiled step, checked on a live state
+        args = (h, x32[:, t], dt32[:, t], A, B32[:, t], C32[:, t], s_n, static)
+        if t == 1:
+            step = _checked_step(quantizer, x.device, args)
+        h, y = step(*args)
+        ys.append(y)
     y = torch.stack(ys, dim=1)
     if D is not None:
         y = y + D * x32

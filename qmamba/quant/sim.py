@@ -9,7 +9,8 @@ which is non-linear in time and so has no parallel scan. Each simulation is diff
   "readout"  (A) FP parallel scan, then y_t = <Q(h_t), C_t>: every read sees a quantized state,
              but quantization errors do not propagate through time;
   "chunk"    (B) quantize only the states carried between chunks of `chunk` tokens: errors
-             propagate from chunk to chunk, the scan inside a chunk stays float and parallel;
+             propagate from chunk to chunk, the scan inside a chunk stays float and parallel
+             (the mixer's own SSD / chunked scan, no per-token states are materialised);
   "errscan"  (C) error propagation: Q(a h + u) = a h + u + e, so the quantized trajectory is the FP
              one plus a second LINEAR scan of the per-step errors e_t = Q(h_t) - h_t, estimated on
              the FP states h_t; both scans are parallel;
@@ -52,8 +53,9 @@ def _readout(hs: Tensor, x: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
 
 
 class StateSim(nn.Module):
-    """Installed as `mixer.state_sim`; the mixer calls it in training mode instead of the exact
-    quantized recurrence. Holds no parameters (it reads the mixer's state quantizer)."""
+    """Installed as `mixer.state_sim`; the mixer calls it in training mode, with its native scan
+    inputs, instead of the exact quantized recurrence. Holds no parameters (it reads the
+    mixer's state quantizer)."""
 
     def __init__(self, kind: str, quantizer, chunk: int = 32):
         super().__init__()
@@ -62,13 +64,14 @@ class StateSim(nn.Module):
         self.kind, self.chunk = kind, chunk
         self._q = [quantizer]          # not a submodule: its parameters belong to the mixer
 
-    def forward(self, x, dt, A, B, C, D, h0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, mixer, x, dt, B, C, h0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         q = self._q[0]
+        if self.kind == "chunk":
+            return self._chunked(mixer, x, dt, B, C, h0, q)
+        x, dt, A, B, C, D = mixer.per_channel(x, dt, B, C)
         if self.kind == "exact":
             return selective_scan_ref(x, dt, A, B, C, D, h0, q.fake_quant)
         a, u = _discretize(x, dt, A, B)
-        if self.kind == "chunk":
-            return self._chunked(a, u, x, C, D, h0, q)
         hs = linear_scan(a, u, h0)                                          # (b, l, d, n) FP states
         if self.kind == "readout":
             hq = _fake(q, hs)
@@ -77,11 +80,13 @@ class StateSim(nn.Module):
             hq = hs + linear_scan(a, e, None)
         return _readout(hq, x, C, D), hq[:, -1]
 
-    def _chunked(self, a, u, x, C, D, h0, q):
-        outs, h = [], h0
-        for s in range(0, u.shape[1], self.chunk):
-            hs = linear_scan(a[:, s:s + self.chunk], u[:, s:s + self.chunk], h)   # (b, k, d, n)
-            outs.append(hs)
-            h = q.fake_quant(hs[:, -1])                                     # the carried state is stored
-        hs = torch.cat(outs, dim=1)
-        return _readout(hs, x, C, D), h
+    def _chunked(self, mixer, x, dt, B, C, h0, q):
+        """The mixer's own parallel scan (SSD / chunked Mamba1 scan) chunk by chunk, the state
+        carried between chunks stored (quantized): no (b, l, d, n) tensor is ever built."""
+        ys, h = [], h0
+        for s in range(0, x.shape[1], self.chunk):
+            sl = slice(s, s + self.chunk)
+            y, h = mixer.parallel_scan(x[:, sl], dt[:, sl], B[:, sl], C[:, sl], h)
+            h = q.fake_quant(h)
+            ys.append(y)
+        return torch.cat(ys, dim=1), h

@@ -132,6 +132,11 @@ class StateQuantizer(nn.Module):
         return self.static_scale.clamp(min=EPS)
 
     # ---------------------------------------------------------------- quantize / dequantize
+    def reseed(self):
+        """Restart the stochastic-rounding stream: every pass over a sequence (and every new
+        cache) draws the same noise, whatever ran before, so results reproduce after reloading."""
+        self.generator = None
+
     def _round(self, v: Tensor) -> Tensor:
         if self.rounding == "stochastic":
             if self.generator is None or self.generator.device != v.device:
@@ -180,6 +185,7 @@ class StateQuantizer(nn.Module):
 
     # ---------------------------------------------------------------- the integer cache
     def allocate(self, batch: int, device=None) -> "QuantizedSSMState":
+        self.reseed()
         return QuantizedSSMState(self, batch, device if device is not None else self.amax.device)
 
     # ---------------------------------------------------------------- calibration
@@ -231,8 +237,8 @@ class StateQuantizer(nn.Module):
                 self.s_n.copy_(s_n / s_n.log().mean().exp())                # geometric mean 1
                 err = self._fit_static(amax, samples)
                 if best is None or err < best[0]:
-                    best = (err, alpha, self.s_n.clone(), self.static_scale.clone())
-            _, self.dsq_alpha, s_n, static = best
+                    best = (err, alpha, self.s_n.clone(), self.static_scale.clone(), getattr(self, "clip", 1.0))
+            _, self.dsq_alpha, s_n, static, self.clip = best
             self.s_n.copy_(s_n)
             self.static_scale.copy_(static)
         else:

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 import qmamba
 from qmamba import api
 from qmamba.errors import QMambaError
-from qmamba.models.load import _load_quantized
 
 
 def error_of(*args, **kwargs) -> str:
@@ -295,11 +294,15 @@ def test_tied_config_with_a_different_head(tiny_mamba1, tmp_path):
     assert "ties lm_head to the embeddings" in error_of(folder)
 
 
-def test_quantized_checkpoint_not_supported_yet(tiny_copy):
-    edit_config(tiny_copy, quantization_config={"quant_method": "qmamba"})
-    assert error_of(tiny_copy) == "quantized checkpoints are not supported yet"
-    with pytest.raises(QMambaError):
-        _load_quantized(tiny_copy, {}, torch.float32, "cpu")
+def test_foreign_or_inconsistent_quantization_config(tiny_copy):
+    """A config with a quantization_config goes to the quantized loader, which refuses other
+    tools' formats and tensors that do not match the declared quantization."""
+    edit_config(tiny_copy, quantization_config={"quant_method": "gptq"})
+    assert "only checkpoints written by qmamba" in error_of(tiny_copy)
+    edit_config(tiny_copy, quantization_config={"quant_method": "qmamba", "format_version": 1,
+                                                "method": "rtn", "w_bits": 8, "a_bits": 8,
+                                                "state_quant": "tensor", "state_scale": "static"})
+    assert "does not match its config" in error_of(tiny_copy)
 
 
 # ----------------------------------------------------------------------------- our own folders

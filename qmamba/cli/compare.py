@@ -1,0 +1,158 @@
+"""`qmamba compare`: the whole story side by side. With no arguments: ref-mamba2 at W8A8H4 with
+FP, rtn, smoothquant, quamba, the strong baseline (rtn with dynamic per-channel state scales),
+dsq and qmamba; for each, test perplexity with the state re-quantized after every token, the
+two proxy-task accuracies, memory (weights + state at batch 1, vs FP16) and quantization time.
+Prints a Markdown table; --json and --plot write the results and a perplexity-vs-memory plot.
+
+Every method sees the same calibration windows and the same evaluation data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import QMambaError
+from ..utils.io import atomic_write_json
+from .common import add_model_args
+
+log = logging.getLogger("qmamba")
+
+# name -> (method, QuantConfig options): the rows of the comparison
+ROWS = {
+    "fp": ("fp", {}),
+    "rtn": ("rtn", {}),
+    "smoothquant": ("smoothquant", {}),
+    "quamba": ("quamba", {}),
+    "rtn-channel": ("rtn", {"state_quant": "channel", "state_scale": "dynamic"}),
+    "dsq": ("dsq", {}),
+    "qmamba": ("qmamba", {}),
+    # ablation rows: {per-tensor, DSQ} state x {no ESR, ESR}, and static DSQ (no per-write scale)
+    "esr-tensor": ("qmamba", {"state_quant": "tensor", "state_scale": "static"}),
+    "dsq-static": ("dsq", {"state_scale": "static"}),
+    "qmamba-static": ("qmamba", {"state_scale": "static"}),
+}
+DEFAULT_METHODS = "fp,rtn,smoothquant,quamba,rtn-channel,dsq,qmamba"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compare", help="FP vs every method: perplexity, accuracy, memory, time",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--config", action="append", metavar="CONFIG",
+                   help="WxAyHz config; repeat for several (default w8a8h4)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated rows among {', '.join(ROWS)} (default: all)")
+    p.add_argument("--ppl", type=Path, metavar="FILE", help="test text (default: the shipped test text)")
+    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window (default 1024)")
+    p.add_argument("--max-tokens", type=int, default=65536, metavar="N",
+                   help="perplexity on the first N tokens of the test text (default 65536; 0 = all)")
+    p.add_argument("--tasks", default="cloze_proxy,nextsent_proxy", help="zero-shot tasks ('' for none)")
+    p.add_argument("--limit", type=int, default=200, metavar="N",
+                   help="first N items of each task (default 200; 0 = all)")
+    p.add_argument("--calib", type=Path, metavar="FILE", help="calibration text (default: the validation text)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch (default 16)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG: perplexity vs memory per method")
+    p.set_defaults(func=run)
+    return p
+
+
+def _rows(args) -> list[str]:
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in ROWS]
+    if bad or not names:
+        raise QMambaError(f"unknown row(s) {', '.join(bad) or '(none)'} in --methods; choose among {', '.join(ROWS)}")
+    return names
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        x, y = r["memory"]["total"] / 2 ** 20, r["perplexity"]
+        ax.scatter(x, y, s=40)
+        ax.annotate(f"{r['label']} {r['config']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("memory at batch 1: weights + state (MiB, float parts in FP16)")
+    ax.set_ylabel("test perplexity (state re-quantized every token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run(args) -> int:
+    from .. import __version__
+    from ..api import load
+    from ..eval.perplexity import tokenize_text_file
+    from ..eval.suite import EvalSetup, Row, markdown, run_row
+    from ..quant.calibrate import calibration_ids
+    from ..quant.config import QuantConfig
+    from .eval import TEST_TEXT
+
+    names = _rows(args)
+    configs = args.config or ["w8a8h4"]
+    for c in configs:
+        QuantConfig.parse(c)
+    if args.seqlen < 2 or args.nsamples < 1 or args.limit < 0 or args.max_tokens < 0:
+        raise QMambaError("--seqlen must be >= 2, --nsamples >= 1, --limit and --max-tokens >= 0")
+    if args.json is not None and args.json.is_dir():
+        raise QMambaError(f"--json {args.json} is a folder")
+    t0 = time.time()
+    loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    if getattr(loaded.model, "quant_config", None) is not None:
+        raise QMambaError("compare needs a float model; this one is already quantized")
+    if loaded.tokenizer is None:
+        raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")
+    tasks = tuple(t for t in args.tasks.split(",") if t.strip())
+    setup = EvalSetup(
+        test_ids=tokenize_text_file(args.ppl or TEST_TEXT, loaded.tokenizer),
+        calib_ids=calibration_ids(loaded.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed),
+        seqlen=args.seqlen, max_tokens=args.max_tokens or None, tasks=tasks, limit=args.limit or None,
+        batch_size=args.batch_size)
+    rows = []
+    for name in names:
+        method, opts = ROWS[name]
+        if method == "fp":
+            rows.append(Row(method, "FP16", {}, label=name))
+        else:
+            rows.extend(Row(method, c, {**opts, "seed": args.seed}, label=name) for c in configs)
+    results = []
+    for row in rows:
+        t = time.time()
+        print(f"[{len(results) + 1}/{len(rows)}] {row.label} {row.config}...", flush=True)
+        res = run_row(loaded.model, loaded.tokenizer, row, setup)
+        res["seconds"] = round(time.time() - t, 1)
+        results.append(res)
+        print(f"    ppl {res['perplexity']:.3f}, memory {res['memory']['total'] / 2 ** 20:.2f} MiB "
+              f"({res['memory']['ratio'] * 100:.1f}% of FP16), {res['seconds']:.0f} s", flush=True)
+    fp = next((r["perplexity"] for r in results if r["method"] == "fp"), None)
+    table = markdown(results, fp)
+    scope = (f"{loaded.name}; perplexity: {results[0]['tokens']:,} tokens of "
+             f"{Path(args.ppl or TEST_TEXT).name} in windows of {args.seqlen}; tasks: "
+             f"{', '.join(tasks) or 'none'}" + (f" (first {args.limit} items each)" if args.limit else "") +
+             f"; calibration {args.nsamples} x {args.calib_seqlen} tokens; memory at batch 1")
+    print()
+    print(table)
+    print(f"\n{scope}; total {time.time() - t0:.0f} s")
+    if args.json:
+        atomic_write_json(args.json, {"model": loaded.name, "scope": scope, "qmamba_version": __version__,
+                                      "torch_version": torch.__version__, "results": results,
+                                      "markdown": table, "seconds": round(time.time() - t0, 1)})
+    if args.plot:
+        plot(results, args.plot, scope if len(scope) < 90 else loaded.name)
+    return 0

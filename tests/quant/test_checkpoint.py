@@ -1,0 +1,307 @@
+"""Quantized checkpoints (qmamba.quant.checkpoint): save_quantized -> qmamba.load round trips bit
+for bit for both architectures, the configs and methods; the file holds integer codes and float32
+scales; config.json says how to rebuild; saving is atomic; mismatches are refused."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qmamba
+from qmamba.errors import QMambaError
+from qmamba.models import MambaLM, ModelConfig, init_weights
+from qmamba.quant.checkpoint import QUANT_METHOD, save_quantized
+from qmamba.quant.config import FORMAT_VERSION
+from qmamba.quant.embedding import QEmbedding, TiedQHead
+from qmamba.quant.linear import QLinear
+from qmamba.quantize import quantize
+
+ARCHS = ("mamba1", "mamba2")
+METHODS = ("rtn", "smoothquant", "quamba", "dsq")
+CONFIGS = {                                       # name -> (spec, options)
+    "w8a8h4": ("w8a8h4", {}),
+    "w4a8h4-g8": ("w4a8h4", {"w_group_size": 8}),
+    "w4a16": ("w4a16", {}),
+    "h4": ("h4", {}),
+    "w8a8-dyn": ("w8a8", {"a_dynamic": True}),
+    "w8a8h4-head": ("w8a8h4", {"quantize_head": True}),
+}
+VOCAB = 64
+CALIB = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale")
+
+
+@pytest.fixture(autouse=True)
+def eager_fused_scan(monkeypatch):
+    """The fused quantized scan eagerly (compiling it costs seconds per layout; see test_state)."""
+    monkeypatch.setenv("QMAMBA_COMPILE", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _float_model(arch: str, tie: bool) -> MambaLM:
+    """2 layers; Mamba1 d_model 32 (dt_rank 2: W4 packs dt_proj's two input columns), Mamba2 with
+    4 heads and 2 groups; weights ~ N(0, 1/fan_in) so activations and states are of order 1."""
+    if arch == "mamba1":
+        cfg = ModelConfig(arch="mamba1", vocab_size=VOCAB, d_model=32, n_layer=2, d_state=16, tie_embeddings=tie)
+    else:
+        cfg = ModelConfig(arch="mamba2", vocab_size=VOCAB, d_model=32, n_layer=2, d_state=32, headdim=16,
+                          ngroups=2, chunk_size=8, tie_embeddings=tie)
+    model = init_weights(MambaLM(cfg), 0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("dt_bias", "dt_proj.bias")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g) - 1.0)
+            elif p.dim() >= 2 and "conv1d" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(1 if "embeddings" in name else p.shape[1]))
+    return model.eval()
+
+
+def float_model(arch: str, tie: bool = True) -> MambaLM:
+    return copy.deepcopy(_float_model(arch, tie))
+
+
+def quantized(arch, config, method, tie=True, **extra) -> MambaLM:
+    spec, options = CONFIGS[config]
+    return quantize(float_model(arch, tie), spec, calib=CALIB, method=method, progress=False,
+                    **options, **extra)
+
+
+@torch.no_grad()
+def logits_and_steps(model):
+    """Full-forward logits, and a 3-token prefill then 3 decoding steps."""
+    full = model(IDS)
+    cache = model.allocate_cache(IDS.shape[0])
+    out = [model(IDS[:, :3], cache)[:, -1]]
+    for t in range(3, 6):
+        out.append(model.step(IDS[:, t], cache))
+    return full, torch.stack(out, 1)
+
+
+CASES = [(a, c, m, True) for a, c, m in itertools.product(ARCHS, CONFIGS, METHODS)] + \
+        [(a, "w8a8h4-head", m, False) for a, m in itertools.product(ARCHS, METHODS)]
+
+
+@pytest.mark.parametrize("arch, config, method, tie", CASES,
+                         ids=[f"{a}-{c}-{m}-{'tied' if t else 'untied'}" for a, c, m, t in CASES])
+def test_round_trip_bit_for_bit(arch, config, method, tie, tmp_path):
+    model = quantized(arch, config, method, tie)
+    before = logits_and_steps(model)
+    out = save_quantized(model, tmp_path / "q")
+    assert out == tmp_path / "q" and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = qmamba.load(out)
+    assert loaded.format == "hf" and loaded.tokenizer is None
+    m2 = loaded.model
+    after = logits_and_steps(m2)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert m2.quant_config == model.quant_config and m2.quant_method == method
+    assert not m2.training
+
+    # the tensors: integer codes, float32 scales
+    sd = load_file(out / "model.safetensors")
+    spec, options = CONFIGS[config]
+    qc = model.quant_config
+    qweights = {k: v for k, v in sd.items() if k.endswith("qweight")}
+    if qc.w_bits is None:
+        assert not qweights
+    else:
+        n_linears = model.config.n_layer * (4 if arch == "mamba1" else 2) + (not tie and qc.quantize_head)
+        assert len(qweights) == n_linears
+        for k, v in qweights.items():
+            lin = m2.get_submodule(k[: -len(".qweight")])
+            assert v.dtype == (torch.uint8 if lin.w_bits <= 4 else torch.int8)
+            assert v.shape == (lin.out_features, lin.in_features // 2 if lin.w_bits <= 4 else lin.in_features)
+            prefix = k[: -len("qweight")]
+            assert sd[prefix + "w_scale"].dtype == torch.float32 and prefix + "weight" not in sd
+        if options.get("w_group_size"):
+            grouped = [k for k in qweights if sd[k.replace("qweight", "w_scale")].dim() == 3]
+            assert grouped                                              # groups used where they tile
+    for k, v in sd.items():
+        if k.endswith(SCALE_SUFFIXES):
+            assert v.dtype == torch.float32, k
+    if qc.quantize_head:
+        assert sd["backbone.embeddings.codes"].dtype == torch.int8
+        assert "backbone.embeddings.weight" not in sd
+        assert isinstance(m2.backbone.embeddings, QEmbedding)
+        if tie:
+            assert isinstance(m2.lm_head, TiedQHead) and m2.lm_head._emb[0] is m2.backbone.embeddings
+            assert not any(k.startswith("lm_head") for k in sd)
+        else:
+            assert isinstance(m2.lm_head, QLinear) and sd["lm_head.qweight"].dtype == torch.int8
+    elif tie:
+        assert "lm_head.weight" not in sd and m2.lm_head.weight is m2.backbone.embeddings.weight
+    if qc.h_bits is not None:
+        assert all(f"backbone.layers.{i}.mixer.state_quant.s_n" in sd for i in range(model.config.n_layer))
+
+    # config.json says how to rebuild
+    raw = json.loads((out / "config.json").read_text())
+    q = raw["quantization_config"]
+    assert q["quant_method"] == QUANT_METHOD == "qmamba" and q["format_version"] == FORMAT_VERSION
+    assert q["qmamba_version"] == qmamba.__version__ and q["method"] == method
+    assert (q["w_bits"], q["a_bits"], q["h_bits"]) == (qc.w_bits, qc.a_bits, qc.h_bits)
+    assert q["config"] == qc.name and q["state_quant"] == qc.state_quant and q["state_quant"] is not None
+    assert q["state_scale"] == qc.state_scale and q["w_group_size"] == qc.w_group_size
+    assert q["a_dynamic"] == qc.a_dynamic and q["quantize_head"] == qc.quantize_head
+    assert raw["model_type"] == ("mamba" if arch == "mamba1" else "mamba2")
+    assert raw["tie_word_embeddings"] == tie
+
+
+# ------------------------------------------------------------------------------- atomic saving
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A W8A8H4 (rtn) Mamba2 checkpoint and its model; tests copy the folder before damaging it."""
+    model = quantized("mamba2", "w8a8h4", "rtn")
+    return model, save_quantized(model, tmp_path_factory.mktemp("ckpt") / "q")
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, dest))
+
+
+def test_existing_out_refused_without_force(saved, tmp_path):
+    model, folder = saved
+    out = _copy(folder, tmp_path / "q")
+    (out / "marker.txt").write_text("old")
+    with pytest.raises(QMambaError, match="already exists"):
+        save_quantized(model, out)
+    assert (out / "marker.txt").exists()                               # untouched
+    save_quantized(model, out, force=True)
+    assert not (out / "marker.txt").exists()                           # replaced as a whole
+    with torch.no_grad():
+        assert torch.equal(qmamba.load(out).model(IDS), model(IDS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]         # no temp or old folder left
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_save_leaves_nothing_behind(saved, tmp_path, monkeypatch, existing):
+    import qmamba.models.save as save_module
+
+    model, folder = saved
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(save_module, "save_file", broken)
+    out = tmp_path / "q"
+    if existing:
+        _copy(folder, out)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, out, force=existing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["q"] if existing else [])
+    if existing:                                                       # the old checkpoint survives
+        with torch.no_grad():
+            assert torch.equal(qmamba.load(out).model(IDS), model(IDS))
+
+
+def test_save_float_model_refused(tmp_path):
+    with pytest.raises(QMambaError, match="not quantized"):
+        save_quantized(float_model("mamba1"), tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+# ------------------------------------------------------------------------------- refusals
+def test_quantizing_a_quantized_model_raises(saved):
+    model, folder = saved
+    with pytest.raises(QMambaError, match="already quantized"):
+        quantize(model, "w8a8h4", calib=CALIB, method="rtn", progress=False)
+    loaded = qmamba.load(folder)
+    with pytest.raises(QMambaError, match="already quantized"):
+        quantize(loaded, "h4", calib=CALIB, method="dsq", progress=False)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
+def _edit_tensors(folder: Path, fn) -> None:
+    sd = load_file(folder / "model.safetensors")
+    fn(sd)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+QW = "backbone.layers.0.mixer.in_proj.qweight"
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("config_w4", QW),                                  # int8 (260, 32) where W4 expects uint8 (260, 16)
+    ("config_dsq", "backbone.layers.0.mixer.state_quant.static_scale"),   # (1, 1) where dsq is (d, 1)
+    ("config_w16", QW),                                 # no W: qweight is unexpected
+    ("missing", "backbone.layers.1.mixer.state_quant.s_n"),
+    ("unexpected", "backbone.layers.0.mixer.extra"),
+    ("float_codes", QW),
+    ("shape", "backbone.layers.1.mixer.out_proj.w_scale"),
+])
+def test_tensors_not_matching_config_raise_naming_the_tensor(saved, tmp_path, case, needle):
+    out = _copy(saved[1], tmp_path / "q")
+    if case == "config_w4":
+        _edit_config(out, w_bits=4)
+    elif case == "config_dsq":
+        _edit_config(out, state_quant="dsq")
+    elif case == "config_w16":
+        _edit_config(out, w_bits=None)
+    elif case == "missing":
+        _edit_tensors(out, lambda sd: sd.pop(needle))
+    elif case == "unexpected":
+        _edit_tensors(out, lambda sd: sd.__setitem__(needle, torch.zeros(3)))
+    elif case == "float_codes":
+        _edit_tensors(out, lambda sd: sd.__setitem__(QW, sd[QW].float()))
+    elif case == "shape":
+        _edit_tensors(out, lambda sd: sd.__setitem__(needle, sd[needle][:-1]))
+    with pytest.raises(QMambaError, match=needle.replace(".", r"\.")):
+        qmamba.load(out)
+
+
+def test_integer_dtype_mismatch_raises(saved, tmp_path):
+    out = _copy(saved[1], tmp_path / "q")
+    _edit_tensors(out, lambda sd: sd.__setitem__(QW, sd[QW].view(torch.uint8)))
+    with pytest.raises(QMambaError, match=QW.replace(".", r"\.")):
+        qmamba.load(out)
+
+
+def test_newer_format_version_raises(saved, tmp_path):
+    out = _copy(saved[1], tmp_path / "q")
+    _edit_config(out, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(QMambaError, match="newer"):
+        qmamba.load(out)
+
+
+def test_foreign_quantization_config_raises(saved, tmp_path):
+    out = _copy(saved[1], tmp_path / "q")
+    _edit_config(out, quant_method="gptq")
+    with pytest.raises(QMambaError, match="gptq"):
+        qmamba.load(out)
+
+
+def test_loaded_dtype_keeps_float32_scales(saved):
+    model, folder = saved
+    m = qmamba.load(folder, dtype="bfloat16").model
+    lin = m.backbone.layers[0].mixer.in_proj
+    assert lin.w_scale.dtype == torch.float32 and lin.qweight.dtype == torch.int8
+    assert m.backbone.layers[0].mixer.state_quant.s_n.dtype == torch.float32
+    assert m.backbone.embeddings.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(m(IDS)).all()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_stochastic_rounding_reload_reproduces(mode, tmp_path):
+    model = quantize(float_model("mamba2"), "h4", calib=CALIB, method="rtn", state_quant="dsq",
+                     state_scale=mode, state_rounding="stochastic", progress=False)
+    with torch.no_grad():
+        before = model(IDS)
+    loaded = qmamba.load(save_quantized(model, tmp_path / "q")).model
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), before)
