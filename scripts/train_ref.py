@@ -4,9 +4,9 @@ model code: fixed seed, logged loss and validation perplexity, resumable, bounde
     python scripts/train_ref.py --preset ref-mamba2 --minutes 60 --out runs/ref-mamba2
     python scripts/train_ref.py --preset ref-mamba2 --resume runs/ref-mamba2    # continue
 
-The budget is CPU time: --minutes on a machine of --threads cores (process CPU seconds divided
-by the thread count), so a run gets the same compute whatever else the machine is doing; the
-wall time is logged beside it.
+The budget is CPU time: --minutes on a machine of --cores cores (the process's CPU seconds
+divided by --cores), so a run gets the same compute whatever else the machine is doing and
+however many threads it uses; the wall time is logged beside it.
 
 Inputs: data/train.txt (scripts/build_data.py), the shipped validation text and tokenizer.
 Outputs in --out: ckpt.pt (resume state), log.jsonl (one line per log step), and model/ (the
@@ -103,6 +103,7 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cores", type=int, default=2, help="cores of the machine the --minutes budget refers to")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--override", type=str, default="{}", help="JSON dict of ModelConfig overrides")
     args = ap.parse_args(argv)
@@ -133,6 +134,10 @@ def main(argv=None):
         rng.bit_generator.state = ck["rng"]
         torch.set_rng_state(ck["torch_rng"])
         print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
+        log_path = args.out / "log.jsonl"          # drop log lines written after the checkpoint
+        if log_path.exists():
+            lines = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= state["step"]]
+            log_path.write_text("".join(ln + "\n" for ln in lines))
     print(f"{args.preset}: {model.num_parameters() / 1e6:.2f} M parameters, {len(train)} train tokens, "
           f"{len(val)} validation tokens", flush=True)
 
@@ -141,7 +146,7 @@ def main(argv=None):
     last_ckpt = time.time()
     model.train()
     threads = torch.get_num_threads()
-    cpu_start = time.process_time() - state["elapsed"] * threads
+    cpu_start = time.process_time() - state["elapsed"] * args.cores
     wall_start = time.time() - state.get("wall", 0.0)
 
     def save_ckpt():
@@ -168,7 +173,7 @@ def main(argv=None):
         opt.step()
         state["step"] += 1
         state["tokens"] += batch[:, :-1].numel()
-        state["elapsed"] = (time.process_time() - cpu_start) / threads
+        state["elapsed"] = (time.process_time() - cpu_start) / args.cores
         state["wall"] = time.time() - wall_start
         rec = {"step": state["step"], "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"],
                "gnorm": round(gnorm, 3), "min": round(state["elapsed"] / 60, 2),
