@@ -16,7 +16,7 @@ import sys
 from ..errors import QMambaError
 
 # verb modules, in the order of `qmamba --help`
-COMMANDS = ["compare", "quantize", "eval", "generate", "memory"]
+COMMANDS = ["compare", "quantize", "eval", "generate", "memory", "inspect", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,7 +143,13 @@ class QLinear(nn.Module):
             return self.weight.to(dtype)
         return dequantize_weight(self.codes(), self.w_scale, self.group_size, dtype)
 
+    exec_mode = "sim"           # "int": integer products (`qmamba.quant.intmm.set_execution`)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.exec_mode == "int":
+            from .intmm import linear_int
+
+            return linear_int(self, x)
         x = self.input_quant(x)
         w = (self._fake_weight() if hasattr(self, "w_clip") else self.dequantized_weight(torch.float32)).to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

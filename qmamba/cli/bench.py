@@ -1,0 +1,138 @@
+"""`qmamba bench [MODEL] [--quant CONFIG] [--batch 1,16] [--prompt-len 512] [--gen-len 128]
+[--device cpu|cuda] [--json OUT]`: the float model (fp32 and bf16 on CPU, fp16 on CUDA) and the
+quantized one side by side: prefill latency (time to first token), decode time per token,
+tokens/s, peak memory (process RSS on CPU, allocator peak on CUDA), weight and state bytes,
+bytes read per decoded token and the bandwidth that implies vs the measured copy bandwidth.
+
+Each variant runs in a fresh process (peak memory is per process), with a warm-up, then
+--reps repetitions; medians are reported. MODEL is a reference model or folder, or the shape
+of a real checkpoint (mamba-130m, mamba2-130m, mamba2-370m, ...) with random weights. The
+quantized model keeps an int8 embedding/lm_head; "quant" runs its linears through dequantized
+weights, "quant-int" through int8 x int8 -> int32 products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import QMambaError
+from ..utils.io import atomic_write_json
+
+MAX_TOKENS = 1 << 16      # prompt or generation lengths beyond this are a mistake here
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="latency, throughput and memory: float vs quantized",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="ref-mamba2",
+                   help="reference model, folder, or checkpoint shape such as mamba2-130m (default ref-mamba2)")
+    p.add_argument("--quant", default="w8a8h4", metavar="CONFIG", help="quantized variant's config (default w8a8h4)")
+    p.add_argument("--method", default="dsq", help="method whose modules the quantized variant has (default dsq)")
+    p.add_argument("--variants", default="", help="comma-separated subset of fp32,bf16,fp16,quant,quant-int")
+    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", type=Path, metavar="OUT")
+    p.set_defaults(func=run)
+    return p
+
+
+def _positive_list(spec: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v <= 0 for v in vals):
+        raise QMambaError(f"{what} must be positive integers separated by commas, got {spec!r}")
+    return vals
+
+
+def _check(args) -> tuple[list[int], list[str]]:
+    import torch
+
+    from ..quant.config import QuantConfig
+
+    batches = _positive_list(args.batch, "--batch")
+    for name in ("prompt_len", "gen_len", "reps", "threads"):
+        v = getattr(args, name)
+        if v <= 0:
+            raise QMambaError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.prompt_len > MAX_TOKENS or args.gen_len > MAX_TOKENS:
+        raise QMambaError(f"--prompt-len and --gen-len are limited to {MAX_TOKENS} tokens")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise QMambaError("--device cuda: CUDA is not available on this machine")
+    if args.device not in ("cpu",) and not args.device.startswith("cuda"):
+        raise QMambaError(f"--device must be cpu or cuda, got {args.device!r}")
+    QuantConfig.parse(args.quant)
+    cuda = args.device.startswith("cuda")
+    variants = [v for v in args.variants.split(",") if v] or (
+        ["fp16", "quant", "quant-int"] if cuda else ["fp32", "bf16", "quant", "quant-int"])
+    bad = [v for v in variants if v not in ("fp32", "bf16", "fp16", "quant", "quant-int")]
+    if bad:
+        raise QMambaError(f"unknown variant(s) {', '.join(bad)}")
+    return batches, variants
+
+
+def _child(kwargs: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(kwargs["threads"]))
+    r = subprocess.run([sys.executable, "-m", "qmamba.eval.bench", json.dumps(kwargs)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise QMambaError(f"benchmark of {kwargs['variant']} failed: {last}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _mib(b) -> str:
+    return f"{b / 2 ** 20:,.1f}"
+
+
+def run(args) -> int:
+    from ..eval.bench import copy_bandwidth
+
+    batches, variants = _check(args)
+    bw = copy_bandwidth(args.device)
+    print(f"{args.model}: prompt {args.prompt_len}, generate {args.gen_len}, {args.threads} threads on "
+          f"{args.device}; measured copy bandwidth {bw:.1f} GB/s")
+    rows = []
+    for b in batches:
+        for v in variants:
+            print(f"  batch {b} {v}...", flush=True)
+            rows.append(_child(dict(model_name=args.model, variant=v, quant=args.quant, method=args.method,
+                                    batch=b, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                    reps=args.reps, device_name=args.device, threads=args.threads)))
+    head = ("| batch | variant | prefill (s) | decode (ms/token) | tokens/s | x fp32 | peak mem (MiB) | vs fp32 "
+            "| weights (MiB) | state (MiB) | state share | MB read/step | GB/s | % of copy bw |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for b in batches:
+        base = next((r for r in rows if r["batch"] == b and r["variant"] in ("fp32", "fp16")), None)
+        for r in (r for r in rows if r["batch"] == b):
+            speed = r["tokens_per_second"] / base["tokens_per_second"] if base else float("nan")
+            mem = r["peak_memory_bytes"] / base["peak_memory_bytes"] if base else float("nan")
+            r["speedup_vs_base"], r["peak_memory_vs_base"] = speed, mem
+            lines.append(
+                f"| {b} | {r['variant']} | {r['prefill_seconds']:.3f} | {r['decode_seconds_per_token'] * 1e3:.2f} | "
+                f"{r['tokens_per_second']:.1f} | {speed:.2f} | {_mib(r['peak_memory_bytes'])} | {mem * 100:.0f}% | "
+                f"{_mib(r['weight_bytes'])} | {_mib(r['state_bytes'])} | {r['state_share'] * 100:.1f}% | "
+                f"{r['bytes_read_per_step'] / 1e6:.1f} | {r['bandwidth_gb_s']:.2f} | "
+                f"{r['bandwidth_gb_s'] / bw * 100:.0f}% |")
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        import platform
+
+        import torch
+
+        atomic_write_json(args.json, {"model": args.model, "quant": args.quant, "copy_bandwidth_gb_s": bw,
+                                      "machine": platform.processor() or platform.machine(),
+                                      "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
+                                      "results": rows, "markdown": table})
+    return 0

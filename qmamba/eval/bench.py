@@ -1,0 +1,177 @@
+"""Speed and memory of one model variant, measured in a process of its own (so that the peak
+RSS is that variant's): prefill latency (time to first token), decode time per token, tokens/s,
+peak memory, weight and state bytes, bytes read per decoded token and the bandwidth that implies.
+
+Variants: "fp32", "bf16", "fp16" (float models) and "quant" / "quant-int" (the quantized model
+through dequantized float weights, or through integer products, `qmamba.quant.intmm`). A model is
+a reference name or folder, or the shape of a real checkpoint (`qmamba.models.shapes`) with random
+weights; a quantized variant of a shape is built on the meta device and filled with random codes,
+so no float copy of the weights is ever allocated.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from ..models.shapes import SHAPES
+
+FLOAT_VARIANTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's, which
+    Linux carries over a fork + exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def _randomize(model, seed: int = 0):
+    """Random values for a shape-only model: float weights ~ N(0, 0.02), integer codes uniform,
+    quantization scales small and positive, A_log/dt_bias/D as a trained model has them."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            continue
+        if not t.is_floating_point():
+            t.copy_(torch.randint(-7 if t.dtype == torch.uint8 else -127, 8 if t.dtype == torch.uint8 else 128,
+                                  t.shape, generator=g).to(t.dtype))
+        elif name.endswith(("scale", "s_n", "static_scale")):
+            t.copy_(torch.full(t.shape, 0.02))
+        elif name.endswith("A_log"):
+            t.copy_(torch.rand(t.shape, generator=g) * 2)
+        elif name.endswith(("D", "norm.weight", "norm_f.weight")):
+            t.fill_(1.0)
+        else:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+
+
+def build(model_name: str, variant: str, quant: str, method: str, device: torch.device):
+    """The model to time, and a description of how it was built."""
+    from ..models.lm import MambaLM
+    from ..models.shapes import shape_config
+    from ..quant.checkpoint import quantize_structure
+    from ..quantize import resolve_config
+
+    quantized = variant.startswith("quant")
+    dtype = FLOAT_VARIANTS.get(variant, torch.float32)
+    if model_name in SHAPES:
+        cfg = shape_config(model_name)
+        with torch.device("meta"):
+            model = MambaLM(cfg)
+            if quantized:
+                quantize_structure(model, resolve_config(quant, method, quantize_head=True), method)
+        model = model.to_empty(device="cpu")
+        if model.config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
+            model.lm_head.weight = model.backbone.embeddings.weight
+        _randomize(model)
+        source = f"{model_name} shapes, random weights"
+    else:
+        from ..api import load
+
+        model = load(model_name).model
+        if quantized and getattr(model, "quant_config", None) is None:
+            quantize_structure(model, resolve_config(quant, method, quantize_head=True), method)
+        source = model_name
+    if quantized:
+        from ..eval.memory import cast_float_weights
+        from ..quant.intmm import set_execution
+
+        cast_float_weights(model, torch.float32)
+        set_execution(model, "int" if variant == "quant-int" else "sim")
+    else:
+        model = model.to(dtype)
+    return model.to(device).eval(), source
+
+
+def run_variant(model_name: str, variant: str, quant: str, method: str, batch: int, prompt_len: int,
+                gen_len: int, reps: int, device_name: str, threads: int) -> dict:
+    from .memory import weight_bytes
+
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    t = time.time()
+    model, source = build(model_name, variant, quant, method, device)
+    build_s = time.time() - t
+    gc.collect()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    prefill, decode = [], []
+    for rep in range(reps + 1):                       # rep 0 is the warm-up (and compiles)
+        cache = model.allocate_cache(batch)
+        _sync(device)
+        t = time.perf_counter()
+        logits = model(prompt, cache)[:, -1]
+        _sync(device)
+        t_prefill = time.perf_counter() - t
+        tok = logits.argmax(-1)
+        steps = []
+        for _ in range(gen_len):
+            t = time.perf_counter()
+            tok = model.step(tok, cache).argmax(-1)
+            _sync(device)
+            steps.append(time.perf_counter() - t)
+        if rep:
+            prefill.append(t_prefill)
+            decode.append(statistics.median(steps))
+    w = weight_bytes(model)["total"]
+    s = cache.nbytes()
+    state = s["conv"] + s["ssm"]
+    per_tok = statistics.median(decode)
+    # bytes a decode step must read: every weight except the embedding table (one row per
+    # sequence), plus the whole state, read and written once
+    emb = model.backbone.embeddings
+    emb_bytes = sum(t.numel() * t.element_size() for t in emb.state_dict().values())
+    tied = model.config.tie_embeddings
+    read = (w - (0 if tied else emb_bytes)) + 2 * state
+    out = {
+        "model": model_name, "source": source, "variant": variant, "batch": batch,
+        "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps, "device": device_name,
+        "threads": threads, "build_seconds": round(build_s, 2),
+        "prefill_seconds": statistics.median(prefill), "decode_seconds_per_token": per_tok,
+        "tokens_per_second": batch / per_tok, "weight_bytes": w, "state_bytes": state,
+        "state_share": state / (w + state), "bytes_read_per_step": read,
+        "bandwidth_gb_s": read / per_tok / 1e9,
+    }
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        out["peak_memory_bytes"] = _peak_rss()
+    return out
+
+
+def copy_bandwidth(device_name: str = "cpu", mib: int = 512, reps: int = 5) -> float:
+    """Measured copy bandwidth in GB/s (bytes read + written per second): the physical limit."""
+    device = torch.device(device_name)
+    a = torch.empty(mib * 2 ** 20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+if __name__ == "__main__":        # child process: python -m qmamba.eval.bench '{json kwargs}'
+    print(json.dumps(run_variant(**json.loads(sys.argv[1]))))
