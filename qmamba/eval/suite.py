@@ -101,22 +101,31 @@ def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup) -> dict:
     return res
 
 
+def headline(task_result: dict) -> Optional[float]:
+    """The task's headline accuracy: acc_norm where lm-eval gives it (HellaSwag-style multiple
+    choice, as the Mamba papers report it), else acc."""
+    if not isinstance(task_result, dict):
+        return None
+    v = task_result.get("acc_norm")
+    return v if v is not None else task_result.get("acc")
+
+
 def mean_acc(res: dict) -> Optional[float]:
-    tasks = res.get("tasks") or {}
-    accs = [v["acc"] for v in tasks.values() if isinstance(v, dict) and v.get("acc") is not None]
+    accs = [a for a in map(headline, (res.get("tasks") or {}).values()) if a is not None]
     return sum(accs) / len(accs) if accs else None
 
 
 def markdown(results: list[dict], fp_ppl: Optional[float] = None) -> str:
     """The comparison as a Markdown table."""
     task_names = sorted({t for r in results for t in (r.get("tasks") or {})})
-    head = ["method", "config", "state", "test ppl", "vs FP"] + [f"{t} acc" for t in task_names] + \
-        ["mean acc", "memory (MiB)", "vs FP16", "quant time (s)"]
+    head = ["method", "config", "state", "test ppl", "vs FP"] + \
+        [f"{t} {'acc_norm' if any('acc_norm' in (r.get('tasks') or {}).get(t, {}) for r in results) else 'acc'}"
+         for t in task_names] + ["mean acc", "memory (MiB)", "vs FP16", "quant time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         state = f"{r['state_quant']} {r['state_scale']}" if r.get("state_quant") else "float"
         delta = f"{(r['perplexity'] / fp_ppl - 1) * 100:+.2f}%" if fp_ppl else ""
-        accs = [f"{r['tasks'][t]['acc']:.4f}" if t in (r.get("tasks") or {}) else "" for t in task_names]
+        accs = [f"{headline(r['tasks'][t]):.4f}" if t in (r.get("tasks") or {}) else "" for t in task_names]
         m = mean_acc(r)
         mem = r["memory"]
         cells = [r["label"], r["config"], state, f"{r['perplexity']:.3f}", delta, *accs,
