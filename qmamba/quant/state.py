@@ -38,6 +38,7 @@ from .primitives import EPS, pack, qrange, unpack
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 DSQ_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 MAX_SAMPLES = 64            # calibration state snapshots kept per layer for scale search
+SAMPLE_EVERY = 16           # ... drawn from every 16th token
 SAMPLE_BUDGET = 1 << 23     # ... and at most this many floats of them
 
 
@@ -72,7 +73,7 @@ class StateQuantizer(nn.Module):
         self.s_n = nn.Parameter(torch.ones(n), requires_grad=False)
         self.static_scale = nn.Parameter(torch.ones(self._static_shape()), requires_grad=False)
         self._samples: list[Tensor] = []
-        self._seen = 0
+        self._seen = self._steps = 0
 
     def extra_repr(self) -> str:
         return f"H{self.bits} {self.kind}, {self.scale_mode} scales, {self.rounding} rounding"
@@ -195,18 +196,21 @@ class StateQuantizer(nn.Module):
             raise QMambaError(f"non-finite SSM state (NaN or inf) at {self.where or 'a layer'} during calibration")
         a = h.detach().abs().float()
         self.amax.copy_(torch.maximum(self.amax, a.amax(0)))
-        # reservoir sample of single-sequence states for the clipping search (seeded)
-        per = self.d * self.n
-        cap = max(1, min(MAX_SAMPLES, SAMPLE_BUDGET // per))
+        # reservoir sample of single-sequence states for the clipping search: every
+        # SAMPLE_EVERY-th token (the first, the 17th, ...) of each sequence is a candidate (seeded)
+        self._steps += 1
+        if (self._steps - 1) % SAMPLE_EVERY:
+            return
+        cap = max(1, min(MAX_SAMPLES, SAMPLE_BUDGET // (self.d * self.n)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._seen)
-        for i in range(h.shape[0]):
+        for row in h.detach().float().cpu():
             self._seen += 1
             if len(self._samples) < cap:
-                self._samples.append(h[i].detach().float().cpu().clone())
-            else:
-                j = int(torch.randint(0, self._seen, (1,), generator=g))
-                if j < cap:
-                    self._samples[j] = h[i].detach().float().cpu().clone()
+                self._samples.append(row.clone())
+                continue
+            j = int(torch.randint(0, self._seen, (1,), generator=g))
+            if j < cap:
+                self._samples[j] = row.clone()
 
     def _static_from(self, amax: Tensor) -> Tensor:
         """Static (unclipped) scale of the viewed state from the amax map (d, n)."""
@@ -243,7 +247,7 @@ class StateQuantizer(nn.Module):
             self.static_scale.copy_(static)
         else:
             self._fit_static(amax, samples)
-        self._samples, self._seen = [], 0
+        self._samples, self._seen, self._steps = [], 0, 0
 
     def _fit_static(self, amax: Tensor, samples: Optional[Tensor]) -> float:
         """Set the static scale (clip factor from CLIP_GRID for static mode) and return the error."""
