@@ -83,7 +83,9 @@ def build_hf(kind: str, seed: int = 0, **overrides):
                    num_hidden_layers=2, expand=2, chunk_size=16, tie_word_embeddings=False)
         model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**{**cfg, **overrides}))
     elif kind in ("mamba", "falcon_mamba"):
-        cfg = dict(vocab_size=101, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2)
+        # tied as in 4.x (5.x's MambaConfig has no default tie flag and would leave the head separate)
+        cfg = dict(vocab_size=101, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                   tie_word_embeddings=True)
         if kind == "mamba":
             model = transformers.MambaForCausalLM(transformers.MambaConfig(**{**cfg, **overrides}))
         else:
@@ -115,6 +117,22 @@ def hf_factory():
 def save_hf_folder():
     """save_hf(model, folder, tokenizer=True, **save_kwargs) -> folder."""
     return save_hf
+
+
+def save_bin(model, folder: Path) -> Path:
+    """save_pretrained with the weights as pytorch_model.bin, whichever transformers is installed
+    (5.x always writes safetensors)."""
+    model.save_pretrained(folder)
+    for f in Path(folder).glob("model*.safetensors*"):
+        f.unlink()
+    torch.save(model.state_dict(), Path(folder) / "pytorch_model.bin")
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def save_bin_folder():
+    """save_bin(model, folder) -> folder."""
+    return save_bin
 
 
 @pytest.fixture(scope="session")

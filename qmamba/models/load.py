@@ -14,6 +14,7 @@ The model is built on the `meta` device and the checkpoint tensors are assigned 
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 from typing import Union
@@ -170,4 +171,9 @@ def load_folder(folder, dtype: torch.dtype = torch.float32,
         return _load_quantized(folder, raw, dtype, device), "hf", raw
     fmt = detect_format(raw)
     cfg = model_config(raw, fmt)
-    return build_model(cfg, read_weights(folder), dtype, device, f"the weights in {folder}"), fmt, raw
+    sd = read_weights(folder)
+    if fmt == "hf" and "tie_word_embeddings" not in raw and LM_HEAD in sd:
+        # transformers 5.x no longer writes tie_word_embeddings for Mamba and keeps the head it
+        # saved separate: where the config is silent, the weights say whether the head is tied
+        cfg = dataclasses.replace(cfg, tie_embeddings=torch.equal(sd[LM_HEAD], sd[EMBEDDINGS]))
+    return build_model(cfg, sd, dtype, device, f"the weights in {folder}"), fmt, raw

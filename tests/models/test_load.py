@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import qmamba
@@ -46,7 +47,7 @@ def test_loaded_fields(tiny_mamba2, tokenizer_vocab):
     assert loaded.path == folder and loaded.name == str(folder) and loaded.format == "hf"
     assert loaded.config == json.loads((folder / "config.json").read_text())
     assert not loaded.model.training
-    assert type(loaded.tokenizer).__name__ == "PreTrainedTokenizerFast"
+    assert loaded.tokenizer.is_fast                # PreTrainedTokenizerFast (4.x), TokenizersBackend (5.x)
     assert len(loaded.tokenizer) == tokenizer_vocab
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.model.parameters())
 
@@ -103,7 +104,9 @@ def test_tokenizer_class_named_in_config(tiny_copy):
     path = tiny_copy / "tokenizer_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "GPT2TokenizerFast"}))
     tok = qmamba.load(tiny_copy).tokenizer
-    assert type(tok).__name__ == "GPT2TokenizerFast"
+    if transformers.__version__ < "5":             # 5.x builds every fast tokenizer as TokenizersBackend
+        assert type(tok).__name__ == "GPT2TokenizerFast"
+    assert tok.is_fast
     assert tok("Sir Walter")["input_ids"] == qmamba.load(tiny_copy, tokenizer=tiny_copy / "tokenizer.json")\
         .tokenizer("Sir Walter")["input_ids"]
 
@@ -226,8 +229,8 @@ def test_bad_safetensors(tiny_copy, damage):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled module"])
-def test_bad_bin(hf_factory, tmp_path, damage):
-    hf_factory("mamba2").save_pretrained(tmp_path, safe_serialization=False)
+def test_bad_bin(hf_factory, tmp_path, damage, save_bin_folder):
+    save_bin_folder(hf_factory("mamba2"), tmp_path)
     path = tmp_path / "pytorch_model.bin"
     data = path.read_bytes()
     if damage == "pickled module":
@@ -238,8 +241,8 @@ def test_bad_bin(hf_factory, tmp_path, damage):
     assert str(path) in message
 
 
-def test_bin_that_is_not_a_state_dict(hf_factory, tmp_path):
-    hf_factory("mamba2").save_pretrained(tmp_path, safe_serialization=False)
+def test_bin_that_is_not_a_state_dict(hf_factory, tmp_path, save_bin_folder):
+    save_bin_folder(hf_factory("mamba2"), tmp_path)
     torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
     assert "flat dict of tensors" in error_of(tmp_path)
 
