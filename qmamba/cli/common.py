@@ -16,7 +16,7 @@ log = logging.getLogger("qmamba")
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"reference model name, model folder (float or quantized) or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="float dtype (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
                    help="tokenizer folder or tokenizer.json (default: the model's own)")

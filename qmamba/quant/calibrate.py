@@ -1,8 +1,8 @@
 """Calibration: sequences of tokens from a text file (the shipped validation text by default),
 and one pass of them through the model with every quantizer observing.
 
-Static activation scales and all state scales come from here; the state is observed along the
-exact per-token recurrence (so the maxima are those of the states a decode really meets).
+Static activation scales and all state scales come from here; the float state is observed after
+every 16th token of every sequence (`models.mixer.OBSERVE_EVERY`), computed by the parallel scan.
 """
 
 from __future__ import annotations

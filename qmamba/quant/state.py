@@ -38,7 +38,6 @@ from .primitives import EPS, pack, qrange, unpack
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 DSQ_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 MAX_SAMPLES = 64            # calibration state snapshots kept per layer for scale search
-SAMPLE_EVERY = 16           # ... drawn from every 16th token
 SAMPLE_BUDGET = 1 << 23     # ... and at most this many floats of them
 
 
@@ -73,7 +72,7 @@ class StateQuantizer(nn.Module):
         self.s_n = nn.Parameter(torch.ones(n), requires_grad=False)
         self.static_scale = nn.Parameter(torch.ones(self._static_shape()), requires_grad=False)
         self._samples: list[Tensor] = []
-        self._seen = self._steps = 0
+        self._seen = 0
 
     def extra_repr(self) -> str:
         return f"H{self.bits} {self.kind}, {self.scale_mode} scales, {self.rounding} rounding"
@@ -192,15 +191,9 @@ class StateQuantizer(nn.Module):
     # ---------------------------------------------------------------- calibration
     @torch.no_grad()
     def observe(self, h: Tensor):
-        if not torch.isfinite(h).all():
-            raise QMambaError(f"non-finite SSM state (NaN or inf) at {self.where or 'a layer'} during calibration")
         a = h.detach().abs().float()
-        self.amax.copy_(torch.maximum(self.amax, a.amax(0)))
-        # reservoir sample of single-sequence states for the clipping search: every
-        # SAMPLE_EVERY-th token (the first, the 17th, ...) of each sequence is a candidate (seeded)
-        self._steps += 1
-        if (self._steps - 1) % SAMPLE_EVERY:
-            return
+        self.amax.copy_(torch.maximum(self.amax, a.amax(0)))    # NaN and inf propagate: checked at the end
+        # reservoir sample of single-sequence states for the clipping search (seeded)
         cap = max(1, min(MAX_SAMPLES, SAMPLE_BUDGET // (self.d * self.n)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._seen)
         for row in h.detach().float().cpu():
@@ -228,6 +221,8 @@ class StateQuantizer(nn.Module):
     def finish_calibration(self):
         """Static scales from the calibration maxima; for DSQ the state-axis exponent and, with
         static channel scales, the clipping factor are chosen by the error on the samples."""
+        if not torch.isfinite(self.amax).all():
+            raise QMambaError(f"non-finite SSM state (NaN or inf) at {self.where or 'a layer'} during calibration")
         if self.amax.max() <= 0:
             raise QMambaError(f"the SSM state at {self.where or 'a layer'} was never observed or is all zero")
         samples = torch.stack(self._samples).to(self.amax.device) if self._samples else None
@@ -247,7 +242,7 @@ class StateQuantizer(nn.Module):
             self.static_scale.copy_(static)
         else:
             self._fit_static(amax, samples)
-        self._samples, self._seen, self._steps = [], 0, 0
+        self._samples, self._seen = [], 0
 
     def _fit_static(self, amax: Tensor, samples: Optional[Tensor]) -> float:
         """Set the static scale (clip factor from CLIP_GRID for static mode) and return the error."""

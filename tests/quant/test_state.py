@@ -586,8 +586,10 @@ def test_observe_non_finite_state_raises(bad):
     q = StateQuantizer("dsq", 4, 8, 16, where="backbone.layers.7.mixer")
     h = torch.randn(2, 8, 16)
     h[1, 2, 3] = bad
-    with pytest.raises(QMambaError, match=r"backbone\.layers\.7\.mixer"):
-        q.observe(h)
+    q.observe(h)
+    q.observe(torch.randn(2, 8, 16))                 # a finite state later does not hide it
+    with pytest.raises(QMambaError, match=r"non-finite SSM state .* backbone\.layers\.7\.mixer"):
+        q.finish_calibration()
 
 
 def test_never_observed_state_raises():
