@@ -82,9 +82,11 @@ def main(argv=None):
     ap.add_argument("--fidelity-samples", type=int, default=8)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=65536)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
     sims = [s for s in args.sims.split(",") if s]
+    torch.set_num_threads(args.threads)
 
     loaded = load(args.model)
     tok, fp_model = loaded.tokenizer, loaded.model

@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from .api import load
+from .quantize import quantize      # the function (shadows the submodule of the same name)
 
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "load", "quantize"]

@@ -24,7 +24,7 @@ def resolve_config(config: Union[str, QuantConfig], method: str, **options) -> Q
                         state_scale=qcfg.state_scale or m.state_scale)
 
 
-def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, method: str = "dsq",
+def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, method: str = "qmamba",
              tokenizer=None, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
              progress: bool = True, method_options: Optional[dict] = None, **config_options):
     """Quantize a float model in place and return it.

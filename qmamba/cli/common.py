@@ -22,7 +22,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tokenizer folder or tokenizer.json (default: the model's own)")
 
 
-def add_quant_args(p: argparse.ArgumentParser, config_flag: str = "--quant", default_method: str = "dsq",
+def add_quant_args(p: argparse.ArgumentParser, config_flag: str = "--quant", default_method: str = "qmamba",
                    default_config: str | None = None) -> None:
     from ..methods import available
     from ..quant.config import ROUNDINGS, SCALE_MODES, STATE_QUANTIZERS
@@ -46,6 +46,40 @@ def add_quant_args(p: argparse.ArgumentParser, config_flag: str = "--quant", def
     g.add_argument("--a-dynamic", action="store_true", help="dynamic per-token activation scales (default static per-tensor)")
     g.add_argument("--w-group-size", type=int, default=0, metavar="G", help="weight groups along the input dim (default per channel)")
     g.add_argument("--quantize-head", action="store_true", help="also quantize embedding and lm_head")
+    add_esr_args(p)
+
+
+# ESR flag -> ESRConfig field (method qmamba only)
+ESR_FLAGS = {"esr_sim": "sim", "esr_epochs": "epochs", "esr_lr": "lr", "esr_nsamples": "nsamples",
+             "esr_seqlen": "seqlen", "esr_batch_size": "batch_size", "esr_dt_bias": "learn_dt_bias",
+             "esr_resume": "resume_dir"}
+
+
+def add_esr_args(p: argparse.ArgumentParser) -> None:
+    from ..methods.esr import ESRConfig
+    from ..quant.sim import SIMS
+
+    d = ESRConfig()
+    g = p.add_argument_group("ESR reconstruction (--method qmamba)")
+    g.add_argument("--esr-sim", choices=list(SIMS), help=f"quantized-state simulation while training (default {d.sim})")
+    g.add_argument("--esr-epochs", type=int, metavar="E", help=f"epochs per block (default {d.epochs})")
+    g.add_argument("--esr-lr", type=float, metavar="LR", help=f"AdamW learning rate (default {d.lr})")
+    g.add_argument("--esr-nsamples", type=int, metavar="N",
+                   help=f"calibration sequences used by ESR (default {d.nsamples})")
+    g.add_argument("--esr-seqlen", type=int, metavar="L", help=f"tokens per ESR sequence (default {d.seqlen})")
+    g.add_argument("--esr-batch-size", type=int, metavar="B", help=f"ESR batch size (default {d.batch_size})")
+    g.add_argument("--esr-dt-bias", action="store_true", default=None, help="also learn the dt bias")
+    g.add_argument("--esr-resume", type=Path, metavar="DIR",
+                   help="save each finished block here and resume an interrupted run from it")
+
+
+def esr_options(args) -> dict:
+    """ESRConfig options from the --esr-* flags that were given; an error if the method has no ESR."""
+    opts = {field: getattr(args, flag) for flag, field in ESR_FLAGS.items() if getattr(args, flag, None) is not None}
+    if opts and args.method != "qmamba":
+        given = ", ".join("--" + f.replace("_", "-") for f in ESR_FLAGS if getattr(args, f, None) is not None)
+        raise QMambaError(f"{given} only apply to --method qmamba (ESR), not {args.method}")
+    return opts
 
 
 def quant_options(args) -> dict:
@@ -65,6 +99,9 @@ def check_quant_args(args) -> None:
     if args.nsamples < 1 or args.calib_seqlen < 2:
         raise QMambaError("--nsamples must be >= 1 and --calib-seqlen >= 2")
     QuantConfig.parse(args.quant, **quant_options(args))            # fail fast on a bad config
+    from ..methods.esr import ESRConfig
+
+    ESRConfig(**{k: v for k, v in esr_options(args).items() if k != "resume_dir"})
 
 
 def load_model(args, quantize_in_memory: bool = True):
@@ -78,7 +115,8 @@ def load_model(args, quantize_in_memory: bool = True):
         if getattr(loaded.model, "quant_config", None) is not None:
             raise QMambaError(f"{args.model} is already quantized; --quant applies to float models")
         quantize(loaded, args.quant, calib=args.calib, method=args.method, nsamples=args.nsamples,
-                 seqlen=args.calib_seqlen, seed=args.quant_seed, **quant_options(args))
+                 seqlen=args.calib_seqlen, seed=args.quant_seed, method_options=esr_options(args),
+                 **quant_options(args))
         log.info("quantized in memory: %s %s in %.1f s", args.method, loaded.model.quant_config.name,
                  loaded.model.quant_seconds)
     return loaded

@@ -1,4 +1,4 @@
-"""`qmamba quantize [MODEL] --config w8a8h4 --method dsq --out DIR`: quantize a float model with
+"""`qmamba quantize [MODEL] --config w8a8h4 [--method qmamba] --out DIR`: quantize a float model with
 calibration text and save it (integer weights, scales, quantization_config), atomically.
 
 The folder loads with every other command (`qmamba eval DIR`, `qmamba generate DIR`, ...) and

@@ -53,7 +53,7 @@ class MixerBase(nn.Module):
         ESR trains, its simulation). Returns y (b, l, d) in float32."""
         h0 = None if state is None else state.ssm.read()
         q = self.state_quant
-        if q is None:
+        if q is None or (q.mode == "off" and state is None):
             y, h = self.parallel_scan(x, dt, B, C, h0)
             if state is not None:
                 state.ssm.write(h)

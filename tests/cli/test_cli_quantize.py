@@ -228,3 +228,52 @@ def test_state_group_not_dividing_d_state(d_state_12, calib_file, tmp_path, caps
     only(tmp_path)
     # the same model quantizes with a state quantizer that fits
     assert main(quant_argv(d_state_12, tmp_path / "q", calib_file, "--state-quant", "channel")) == 0
+
+
+# ------------------------------------------------------------------------------- ESR flags
+def esr_argv(model, out, calib, *extra):
+    argv = quant_argv(model, out, calib, "--esr-epochs", "1", "--esr-nsamples", "2", "--esr-seqlen", "16", *extra)
+    argv[argv.index("rtn")] = "qmamba"
+    return argv
+
+
+def test_qmamba_is_the_default_method(tiny_mamba2, calib_file, tmp_path, capsys):
+    argv = esr_argv(tiny_mamba2[1], tmp_path / "q", calib_file)
+    del argv[argv.index("--method"):argv.index("--method") + 2]
+    assert main(argv) == 0
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "qmamba" and qc["state_quant"] == "dsq"
+
+
+def test_esr_flags_reach_the_reconstruction(tiny_mamba2, calib_file, tmp_path, capsys):
+    """--esr-resume keeps one record per finished block, trained with the flags given."""
+    resume = tmp_path / "esr"
+    assert main(esr_argv(tiny_mamba2[1], tmp_path / "q", calib_file, "--esr-sim", "exact",
+                         "--esr-resume", str(resume))) == 0
+    saved = sorted(p.name for p in resume.iterdir())
+    assert saved, "no ESR block saved"
+    # the second run resumes from the saved blocks and gives the same checkpoint
+    assert main(esr_argv(tiny_mamba2[1], tmp_path / "q2", calib_file, "--esr-sim", "exact",
+                         "--esr-resume", str(resume))) == 0
+    a = (tmp_path / "q" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "q2" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "dsq"], "--esr-epochs, --esr-nsamples, --esr-seqlen only apply to --method qmamba (ESR), not dsq"),
+    (["--esr-epochs", "0"], "ESR epochs must be positive"),
+])
+def test_bad_esr_flags(tiny_mamba2, calib_file, tmp_path, capsys, extra, needle):
+    argv = esr_argv(tiny_mamba2[1], tmp_path / "q", calib_file)
+    if "--method" in extra:
+        argv[argv.index("--method") + 1] = "dsq"
+        extra = extra[2:]
+    fails(argv + extra, capsys, needle)
+    only(tmp_path)
+
+
+def test_bad_esr_sim(tiny_mamba2, calib_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(esr_argv(tiny_mamba2[1], tmp_path / "q", calib_file, "--esr-sim", "magic"))
+    assert info.value.code == 2
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
