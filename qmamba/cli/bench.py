@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="ref-mamba2",
                    help="reference model, folder, or checkpoint shape such as mamba2-130m (default ref-mamba2)")
     p.add_argument("--quant", default="w8a8h4", metavar="CONFIG", help="quantized variant's config (default w8a8h4)")
-    p.add_argument("--method", default="dsq", help="method whose modules the quantized variant has (default dsq)")
+    p.add_argument("--method", default="qmamba", help="method whose modules the quantized variant has (default qmamba)")
     p.add_argument("--variants", default="", help="comma-separated subset of fp32,bf16,fp16,quant,quant-int")
     p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
     p.add_argument("--prompt-len", type=int, default=512)

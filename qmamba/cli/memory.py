@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(dtype="float16")
     p.add_argument("--quant", metavar="CONFIG", help="WxAyHz config to measure (e.g. w8a8h4)")
-    p.add_argument("--method", default="dsq", choices=available(), help="method whose modules to build (default dsq)")
+    p.add_argument("--method", default="qmamba", choices=available(), help="method whose modules to build (default qmamba)")
     p.add_argument("--state-quant", help="state quantizer (default: the method's)")
     p.add_argument("--state-scale", choices=("dynamic", "static"), help="state scale mode (default: the method's)")
     p.add_argument("--w-group-size", type=int, default=0, metavar="G")

@@ -153,7 +153,7 @@ def test_cli_memory_on_meta_shapes(tmp_path, capsys):
     assert seconds < 30, f"building mamba2-130m on the meta device took {seconds:.1f} s"
     r = json.loads(out.read_text())
     assert r["meta"] is True and "meta device" in r["source"]
-    assert r["quantization"]["config"] == "W8A8H4" and r["quantization"]["method"] == "dsq"
+    assert r["quantization"]["config"] == "W8A8H4" and r["quantization"]["method"] == "qmamba"
     assert r["quantization"]["state_quant"] == "dsq" and r["float_dtype"] == "float16"
     s = SHAPES["mamba2-130m"]
     cfg = shape_config("mamba2-130m")
