@@ -146,6 +146,7 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
         del fp_block
         groups = _learnable(block, qcfg, cfg, arch)
         before = _mse(block, X_q, Y, cfg.batch_size)
+        start_values = [p.detach().clone() for gr in groups for p in gr["params"]]
         if groups:
             mixer = block.mixer
             if mixer.state_quant is not None:
@@ -160,10 +161,17 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
                     opt.step()
             block.eval()
             mixer.state_sim = None
+        after = _mse(block, X_q, Y, cfg.batch_size) if groups else before
+        kept = after <= before
+        if not kept:                      # reconstruction made this block worse: undo it
+            with torch.no_grad():
+                for p, v in zip((p for gr in groups for p in gr["params"]), start_values):
+                    p.copy_(v)
+            after = before
         _freeze(block)
-        after = _mse(block, X_q, Y, cfg.batch_size)
         X_q, X_fp = _run(block, X_q, cfg.batch_size), Y
-        rec = {"block": i, "mse_before": before, "mse_after": after, "seconds": round(time.time() - t0, 2)}
+        rec = {"block": i, "mse_before": before, "mse_after": after, "kept": kept,
+               "seconds": round(time.time() - t0, 2)}
         records.append(rec)
         bar.set_postfix(block=i, before=f"{before:.3g}", after=f"{after:.3g}")
         log.info("ESR block %d: mse %.4g -> %.4g (%.1f s)", i, before, after, rec["seconds"])

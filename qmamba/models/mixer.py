@@ -65,7 +65,9 @@ class MixerBase(nn.Module):
         if self.state_sim is not None and self.training:
             return self.state_sim(self, x, dt, B, C, h0)[0]
         args = self.per_channel(x, dt, B, C)
-        if q.mode == "quant" and q.rounding == "nearest" and not torch.is_grad_enabled():
+        # the fused scan; with stochastic rounding only without a cache (writing the final state
+        # into one would draw again and shift the seeded stream that decode continues)
+        if q.mode == "quant" and not torch.is_grad_enabled() and (state is None or q.rounding == "nearest"):
             from ..quant.qscan import quantized_scan      # fused per-token step, same numbers
 
             y, h = quantized_scan(*args, q, h0)

@@ -5,9 +5,9 @@
 `selective_scan_ref(..., state_fn=quantizer)` is the reference (about ten elementwise passes
 over the (b, d, n) state per token); here the update, the quantize-dequantize and the read-out of
 one token are one function, compiled by `torch.compile` (inductor fuses them into one loop) where
-a compiler is available, eager otherwise. Same numbers as the reference up to float rounding
-(test: tests/quant/test_qscan.py). Used for evaluation (no gradient, round-to-nearest);
-calibration, stochastic rounding and reconstruction go through the reference path.
+a compiler is available, eager otherwise. Same numbers as the reference up to float rounding,
+stochastic rounding included: the same seeded draws in the same order (tests/quant/test_state.py).
+Used for evaluation (no gradient); calibration and reconstruction go through other paths.
 
 Shapes use the glossary of `qmamba.models.scan`.
 """
@@ -27,11 +27,12 @@ log = logging.getLogger("qmamba")
 _COMPILED: dict = {}
 
 
-def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int):
-    """The fused token step for one quantizer layout (constants baked in)."""
+def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, stochastic: bool = False):
+    """The fused token step for one quantizer layout (constants baked in). With stochastic
+    rounding, u (b, d, n) holds the step's uniform draws: floor(v / scale + u)."""
 
     def step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-             s_n: Tensor, static: Tensor) -> tuple[Tensor, Tensor]:
+             s_n: Tensor, static: Tensor, u: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         b, d = x.shape
         h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * _per_channel(B, d)   # (b, d, n)
         if kind == "head":
@@ -50,7 +51,10 @@ def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int):
             scale = (v.abs().amax(dim=dims, keepdim=True) / qmax).clamp(2.0 ** -24, 65504.0).half().float()
         else:
             scale = static
-        v = torch.round(v / scale).clamp(-qmax, qmax) * scale             # quantize -> dequantize
+        if stochastic:                      # every view keeps (b, d, n)'s element order
+            v = torch.floor(v / scale + u.view(v.shape)).clamp(-qmax, qmax) * scale
+        else:
+            v = torch.round(v / scale).clamp(-qmax, qmax) * scale         # quantize -> dequantize
         if kind == "head":
             h = v.flatten(1, 2)
         elif kind == "group":
@@ -71,8 +75,9 @@ def compile_enabled() -> bool:
 
 
 def _step_for(q, device: torch.device):
-    key = (q.kind, q.scale_mode == "dynamic", float(q.qmax), q.d // q.headdim, q.group_size, device.type)
-    eager = make_step(*key[:5])
+    key = (q.kind, q.scale_mode == "dynamic", float(q.qmax), q.d // q.headdim, q.group_size,
+           q.rounding == "stochastic", device.type)
+    eager = make_step(*key[:6])
     if not compile_enabled():
         return eager, eager
     if key not in _COMPILED:
@@ -129,10 +134,14 @@ def quantized_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
     x32, dt32, B32, C32 = x.float(), dt.float(), B.float(), C.float()
     s_n = quantizer.s_n.detach().float()
     static = quantizer.static_scale.detach().float().clamp(min=1e-12)
+    stochastic = quantizer.rounding == "stochastic"
+    if stochastic and (quantizer.generator is None or quantizer.generator.device != x.device):
+        quantizer.generator = torch.Generator(device=x.device).manual_seed(quantizer.seed)
     ys = []
     step = _step_for(quantizer, x.device)[1]              # eager for the first token, then the
     for t in range(length):                               # compiled step, checked on a live state
-        args = (h, x32[:, t], dt32[:, t], A, B32[:, t], C32[:, t], s_n, static)
+        u = torch.rand(h.shape, generator=quantizer.generator, device=x.device) if stochastic else None
+        args = (h, x32[:, t], dt32[:, t], A, B32[:, t], C32[:, t], s_n, static, u)
         if t == 1:
             step = _checked_step(quantizer, x.device, args)
         h, y = step(*args)

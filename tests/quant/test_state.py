@@ -351,8 +351,7 @@ def manual_quantized_scan(q: StateQuantizer, x, dt, A, B, C, D, requantize: bool
 
 @pytest.mark.parametrize("arch, kind, mode, bits, rounding", ALL, ids=ALL_IDS)
 def test_independent_quantized_recurrence(arch, kind, mode, bits, rounding, monkeypatch):
-    """Hook every mixer's scan dispatch (`scan`: the fused step under no_grad with
-    round-to-nearest, else `selective_scan_ref` + fake quantizer), record its inputs and output
+    """Hook every mixer's scan dispatch (`scan`: the fused step under no_grad), record its inputs and output
     in a no_grad forward, and recompute the output with `manual_quantized_scan`."""
     model = quantized(arch, kind, mode, bits, rounding)
     calls = []
@@ -371,9 +370,9 @@ def test_independent_quantized_recurrence(arch, kind, mode, bits, rounding, monk
         q.generator = None                                             # the draws the forward made
         mine = manual_quantized_scan(q, x, dt, A, B, C, D)
         assert rel(mine, y) <= RTOL
-        if rounding == "nearest":                                      # the fused step == the reference
-            ref, _ = selective_scan_ref(x, dt, A, B, C, D, None, q)
-            assert rel(ref, y) <= RTOL
+        q.generator = None                                             # the fused step == the reference
+        ref, _ = selective_scan_ref(x, dt, A, B, C, D, None, q)
+        assert rel(ref, y) <= RTOL
         if rounding == "nearest" and bits <= 4:
             # ... and it is not the float recurrence, nor one that quantizes only the last state
             fp = manual_quantized_scan(q, x, dt, A, B, C, D, requantize=False)
