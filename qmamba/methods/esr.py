@@ -41,7 +41,7 @@ log = logging.getLogger("qmamba.esr")
 
 @dataclass
 class ESRConfig:
-    sim: str = "errscan"          # one of qmamba.quant.sim.SIMS
+    sim: str = "chunk"            # one of qmamba.quant.sim.SIMS; chosen by benchmarks/esr_study.py
     epochs: int = 2
     batch_size: int = 4
     nsamples: int = 32            # calibration sequences used (the first N of the calibration set)
@@ -53,6 +53,7 @@ class ESRConfig:
     learn_dt_bias: bool = False
     chunk: int = 32               # chunk length of the "chunk" simulation
     seed: int = 0
+    device: Optional[str] = None  # where blocks train; None: CUDA when present, else the model's
 
     def __post_init__(self):
         if self.sim not in SIMS:
@@ -122,21 +123,25 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
     linears still hold float weights. Returns one record per block."""
     arch = model.config.arch
     device = next(model.parameters()).device
+    # blocks move to the work device one at a time (a model larger than GPU memory still fits)
+    work = torch.device(cfg.device) if cfg.device else \
+        (torch.device("cuda") if torch.cuda.is_available() else device)
     ids = calib[: cfg.nsamples, : cfg.seqlen].to(device)
     layers = model.backbone.layers
     records: list[dict] = []
     with torch.no_grad():
-        X_fp = model.backbone.embeddings(ids).float()                      # (N, L, d_model)
+        X_fp = model.backbone.embeddings(ids).float().to(work)             # (N, L, d_model)
     X_q = X_fp.clone()
     start = 0
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
         resume_dir.mkdir(parents=True, exist_ok=True)
         start, X_fp, X_q, records = _resume(model, resume_dir, X_fp, X_q, qcfg)
+        X_fp, X_q = X_fp.to(work), X_q.to(work)
     bar = tqdm(range(start, len(layers)), desc="ESR", unit="block", disable=not progress)
     g = torch.Generator().manual_seed(cfg.seed)
     for i in bar:
-        block = layers[i]
+        block = layers[i].to(work)
         t0 = time.time()
         fp_block = copy.deepcopy(block)
         for m in fp_block.modules():
@@ -170,6 +175,7 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
             after = before
         _freeze(block)
         X_q, X_fp = _run(block, X_q, cfg.batch_size), Y
+        block.to(device)
         rec = {"block": i, "mse_before": before, "mse_after": after, "kept": kept,
                "seconds": round(time.time() - t0, 2)}
         records.append(rec)

@@ -1,0 +1,146 @@
+"""ESR (qmamba.methods.esr) and its state simulations (qmamba.quant.sim) on tiny perturbed models:
+the simulations against the exact quantized recurrence, reconstruction that never makes a block
+worse and really moves the learned scales, and the block-by-block device handling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qmamba.errors import QMambaError
+from qmamba.methods.esr import ESRConfig, reconstruct
+from qmamba.quant.apply import install_quantizers
+from qmamba.quant.calibrate import run_calibration
+from qmamba.quant.sim import SIMS, StateSim
+from qmamba.quantize import quantize, resolve_config
+
+from test_methods import ARCHS, CALIB, IDS, rel_err, tiny
+
+
+def calibrated(arch: str, spec: str = "w8a8h4", **opts):
+    model = tiny(arch)
+    qcfg = resolve_config(spec, "qmamba", **opts)
+    install_quantizers(model, qcfg)
+    run_calibration(model, CALIB, progress=False)
+    return model, qcfg
+
+
+def mixer_outputs(mixer, x, sim: str, chunk: int = 32):
+    """(y under the simulation, y under the exact recurrence) for one mixer on input x."""
+    with torch.no_grad():
+        exact = mixer(x)
+        mixer.state_sim = StateSim(sim, mixer.state_quant, chunk)
+        mixer.train()
+        try:
+            simulated = mixer(x)
+        finally:
+            mixer.eval()
+            mixer.state_sim = None
+    return simulated, exact
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_simulation_is_the_exact_recurrence(arch):
+    model, _ = calibrated(arch)
+    x = model.backbone.layers[0].norm(model.backbone.embeddings(IDS))
+    sim, exact = mixer_outputs(model.backbone.layers[0].mixer, x, "exact")
+    assert rel_err(sim, exact) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunk_simulation_carries_the_exact_state_at_chunk_one(arch):
+    """With chunks of one token every carried state is quantized, so the final state is the
+    exact recurrence's (the read-outs inside a chunk use the float state, by design)."""
+    model, _ = calibrated(arch, "w8a8h8")
+    mixer = model.backbone.layers[0].mixer
+    x = model.backbone.layers[0].norm(model.backbone.embeddings(IDS))
+    xs, dt, B, C = captured_scan_inputs(mixer, x)
+    q = mixer.state_quant
+    with torch.no_grad():
+        _, h_sim = StateSim("chunk", q, chunk=1)(mixer, xs, dt, B, C)
+        _, h_exact = StateSim("exact", q)(mixer, xs, dt, B, C)
+    assert rel_err(h_sim, h_exact) < 1e-3
+
+
+def captured_scan_inputs(mixer, x):
+    """The native scan inputs (x, dt, B, C) of one forward of `mixer`."""
+    seen = {}
+    real = mixer.scan
+
+    def record(xs, dt, B, C, state):
+        seen["args"] = (xs, dt, B, C)
+        return real(xs, dt, B, C, state)
+
+    mixer.scan = record
+    try:
+        with torch.no_grad():
+            mixer(x)
+    finally:
+        del mixer.scan
+    return seen["args"]
+
+
+@pytest.mark.parametrize("sim", SIMS)
+def test_every_simulation_is_differentiable_in_the_state_scales(sim):
+    model, _ = calibrated("mamba2", state_scale="static")
+    mixer = model.backbone.layers[0].mixer
+    q = mixer.state_quant
+    for p in (q.s_n, q.static_scale):
+        p.requires_grad_(True)
+    x = model.backbone.layers[0].norm(model.backbone.embeddings(IDS)).detach()
+    mixer.state_sim = StateSim(sim, q, 8)
+    mixer.train()
+    mixer(x).pow(2).mean().backward()
+    assert q.s_n.grad is not None and q.s_n.grad.abs().sum() > 0
+    assert q.static_scale.grad is not None and q.static_scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("sim", ["chunk", "exact"])
+def test_reconstruction_never_makes_a_block_worse(arch, sim):
+    model, qcfg = calibrated(arch, state_scale="static")
+    s_n0 = [m.mixer.state_quant.s_n.detach().clone() for m in model.backbone.layers]
+    records = reconstruct(model, qcfg, CALIB, ESRConfig(sim=sim, nsamples=8, seqlen=32, epochs=2, lr=2e-2,
+                                                        chunk=8), progress=False)
+    assert [r["block"] for r in records] == list(range(model.config.n_layer))
+    for r in records:
+        assert r["mse_after"] <= r["mse_before"]
+    kept = [i for i, r in enumerate(records) if r["kept"]]
+    assert kept, "ESR improved no block"
+    for i in kept:                                     # a kept block's learned s_n moved
+        assert not torch.equal(model.backbone.layers[i].mixer.state_quant.s_n, s_n0[i])
+
+
+def test_qmamba_improves_on_dsq_alone():
+    """Same calibration, static DSQ state: ESR lowers the logit error against the float model."""
+    fp = tiny("mamba2")
+    with torch.no_grad():
+        ref = fp(IDS)
+    errs = {}
+    for method, opts in (("dsq", {}), ("qmamba", {"method_options": dict(nsamples=8, seqlen=64, epochs=4, lr=2e-2)})):
+        model = copy.deepcopy(fp)
+        quantize(model, "w8a8h4", calib=CALIB, method=method, progress=False, state_scale="static", **opts)
+        with torch.no_grad():
+            errs[method] = rel_err(model(IDS), ref)
+    assert errs["qmamba"] < errs["dsq"], errs
+
+
+def test_bad_esr_config():
+    with pytest.raises(QMambaError, match="unknown ESR simulation"):
+        ESRConfig(sim="magic")
+    with pytest.raises(QMambaError, match="ESR epochs must be positive"):
+        ESRConfig(epochs=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blocks_train_on_the_gpu_and_return():
+    model, qcfg = calibrated("mamba2", state_scale="static")
+    cpu = copy.deepcopy(model)
+    cfg = dict(sim="chunk", nsamples=8, seqlen=32, epochs=1)
+    reconstruct(model, qcfg, CALIB, ESRConfig(device="cuda", **cfg), progress=False)
+    reconstruct(cpu, qcfg, CALIB, ESRConfig(device="cpu", **cfg), progress=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    for a, b in zip(model.backbone.layers, cpu.backbone.layers):
+        assert torch.allclose(a.mixer.state_quant.s_n, b.mixer.state_quant.s_n, rtol=1e-3)
