@@ -76,9 +76,10 @@ def main(argv=None):
     ap.add_argument("--config", default="w8a8h4")
     ap.add_argument("--state-scale", default="static", help="dsq channel scale mode (static: where ESR matters)")
     ap.add_argument("--sims", default=",".join(SIMS))
-    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=ESRConfig.nsamples)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=ESRConfig.epochs)
+    ap.add_argument("--lr", type=float, default=ESRConfig.lr)
     ap.add_argument("--fidelity-samples", type=int, default=8)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -106,7 +107,7 @@ def main(argv=None):
         m = copy.deepcopy(base)
         t = time.time()
         rec = reconstruct(m, qcfg, calib, ESRConfig(sim=s, nsamples=args.nsamples, seqlen=args.seqlen,
-                                                    epochs=args.epochs), progress=False)
+                                                    epochs=args.epochs, lr=args.lr), progress=False)
         secs = time.time() - t
         quantize_weights(m, qcfg)
         ppl = perplexity(m, test, args.eval_seqlen, args.max_tokens, batch_size=16, progress=False)
@@ -124,7 +125,7 @@ def main(argv=None):
                      + (f"{(r['perplexity'] / ref - 1) * 100:+.2f}%" if ref else "") + " |")
     results["markdown"] = "\n".join(lines)
     results["scope"] = (f"{args.model} {qcfg.name} dsq {args.state_scale}; ESR {args.nsamples} x {args.seqlen}, "
-                        f"{args.epochs} epochs; FP ppl {fp_ppl['perplexity']:.3f}, no ESR {no_esr['perplexity']:.3f}; "
+                        f"{args.epochs} epochs, lr {args.lr}; FP ppl {fp_ppl['perplexity']:.3f}, no ESR {no_esr['perplexity']:.3f}; "
                         f"ppl on {fp_ppl['tokens']:,} test tokens, windows of {args.eval_seqlen}")
     results["command"] = "python benchmarks/esr_study.py " + " ".join(argv or sys.argv[1:])
     atomic_write_json(args.json, results)

@@ -35,6 +35,9 @@ ROWS = {
     "esr-tensor": ("qmamba", {"state_quant": "tensor", "state_scale": "static"}),
     "dsq-static": ("dsq", {"state_scale": "static"}),
     "qmamba-static": ("qmamba", {"state_scale": "static"}),
+    # static DSQ with stochastic rounding of the state writes (seeded), without and with ESR
+    "dsq-static-sr": ("dsq", {"state_scale": "static", "state_rounding": "stochastic"}),
+    "qmamba-static-sr": ("qmamba", {"state_scale": "static", "state_rounding": "stochastic"}),
 }
 DEFAULT_METHODS = "fp,rtn,smoothquant,quamba,rtn-channel,dsq,qmamba"
 
@@ -49,8 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma-separated rows among {', '.join(ROWS)} (default: all)")
     p.add_argument("--ppl", type=Path, metavar="FILE", help="test text (default: the shipped test text)")
     p.add_argument("--seqlen", type=int, default=1024, help="perplexity window (default 1024)")
-    p.add_argument("--max-tokens", type=int, default=65536, metavar="N",
-                   help="perplexity on the first N tokens of the test text (default 65536; 0 = all)")
+    p.add_argument("--max-tokens", type=int, default=32768, metavar="N",
+                   help="perplexity on the first N tokens of the test text (default %(default)s; 0 = all)")
     p.add_argument("--tasks", default="cloze_proxy,nextsent_proxy", help="zero-shot tasks ('' for none)")
     p.add_argument("--limit", type=int, default=200, metavar="N",
                    help="first N items of each task (default 200; 0 = all)")
@@ -105,9 +108,7 @@ def run(args) -> int:
     from .eval import TEST_TEXT
 
     names = _rows(args)
-    configs = args.config or ["w8a8h4"]
-    for c in configs:
-        QuantConfig.parse(c)
+    configs = [QuantConfig.parse(c).name for c in args.config or ["w8a8h4"]]    # canonical: W8A8H4
     if args.seqlen < 2 or args.nsamples < 1 or args.limit < 0 or args.max_tokens < 0:
         raise QMambaError("--seqlen must be >= 2, --nsamples >= 1, --limit and --max-tokens >= 0")
     if args.json is not None and args.json.is_dir():

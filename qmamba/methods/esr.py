@@ -42,11 +42,11 @@ log = logging.getLogger("qmamba.esr")
 @dataclass
 class ESRConfig:
     sim: str = "chunk"            # one of qmamba.quant.sim.SIMS; chosen by benchmarks/esr_study.py
-    epochs: int = 2
+    epochs: int = 4
     batch_size: int = 4
-    nsamples: int = 32            # calibration sequences used (the first N of the calibration set)
+    nsamples: int = 64            # calibration sequences used (the first N of the calibration set)
     seqlen: int = 256             # tokens per sequence (the first L tokens of each)
-    lr: float = 5e-3              # relative learning rate of scales and clip factors
+    lr: float = 2e-2              # relative learning rate of scales and clip factors
     learn_weights: bool = True    # weight clipping factors
     learn_acts: bool = True       # static activation scales
     learn_state: bool = True      # s_n and static state scales

@@ -1,0 +1,68 @@
+"""`qmamba compare` (the main job) end to end on the tiny Mamba2: every row evaluated the same
+way, the Markdown table, the JSON and the plot, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from qmamba.cli import main
+from qmamba.cli.compare import ROWS
+
+SMALL = ["--max-tokens", "256", "--seqlen", "64", "--limit", "4", "--nsamples", "4", "--calib-seqlen", "64",
+         "--tasks", "nextsent_proxy"]
+
+
+@pytest.fixture(autouse=True)
+def eager_fused_scan(monkeypatch):
+    monkeypatch.setenv("QMAMBA_COMPILE", "0")
+    monkeypatch.setitem(ROWS, "qmamba-fast", ("qmamba", {"method_options": dict(nsamples=2, seqlen=32, epochs=1)}))
+
+
+def test_compare_rows_table_json_and_plot(tiny_mamba2, tmp_path, capsys):
+    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    argv = ["compare", str(tiny_mamba2[1]), "--methods", "fp,rtn,dsq,qmamba-fast", *SMALL,
+            "--json", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    rows = res["results"]
+    assert [r["label"] for r in rows] == ["fp", "rtn", "dsq", "qmamba-fast"]
+    assert [r["config"] for r in rows] == ["FP16", "W8A8H4", "W8A8H4", "W8A8H4"]
+    assert len({r["tokens"] for r in rows}) == 1                      # the same test tokens for every row
+    for r in rows:
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+        assert 0 <= r["tasks"]["nextsent_proxy"]["acc"] <= 1
+        assert r["memory"]["total"] > 0
+    fp, rtn, dsq, qm = rows
+    assert fp["memory"]["ratio"] == pytest.approx(1.0, abs=0.05)
+    assert dsq["memory"]["total"] < fp["memory"]["total"]
+    assert (dsq["state_quant"], dsq["state_scale"]) == ("dsq", "dynamic")
+    assert len(qm["esr"]) == 1                                        # one record per block (1 layer)
+    assert rtn["perplexity"] != fp["perplexity"]                      # quantization did something
+    for r in rows:                                                    # the table carries every row
+        assert f"| {r['label']} | {r['config']} |" in printed
+    assert res["markdown"] in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--methods", "fp,gptq"], "unknown row(s) gptq"),
+    (["--config", "w9a8"], "W9 is not supported"),
+    (["--seqlen", "1"], "--seqlen must be >= 2"),
+])
+def test_bad_input(tiny_mamba2, capsys, extra, needle):
+    assert main(["compare", str(tiny_mamba2[1]), *SMALL, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_compare_refuses_a_quantized_model(tmp_path, tiny_mamba2, capsys):
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_mamba2[1]), "--method", "rtn", "--nsamples", "2", "--calib-seqlen", "32",
+                 "--out", str(q)]) == 0
+    assert main(["compare", str(q), *SMALL]) == 2
+    assert "already quantized" in capsys.readouterr().err
