@@ -55,8 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32768, metavar="N",
                    help="perplexity on the first N tokens of the test text (default %(default)s; 0 = all)")
     p.add_argument("--tasks", default="cloze_proxy,nextsent_proxy", help="zero-shot tasks ('' for none)")
-    p.add_argument("--limit", type=int, default=200, metavar="N",
-                   help="first N items of each task (default 200; 0 = all)")
+    p.add_argument("--limit", type=int, default=100, metavar="N",
+                   help="first N items of each task (default %(default)s; 0 = all)")
     p.add_argument("--calib", type=Path, metavar="FILE", help="calibration text (default: the validation text)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length (default 512)")

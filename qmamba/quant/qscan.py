@@ -131,7 +131,9 @@ def quantized_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
     """Exact quantized recurrence, shapes as `selective_scan_ref`. Returns y (b, l, d), h_l."""
     b, length, d = x.shape
     h = x.new_zeros((b, d, B.shape[-1]), dtype=torch.float32) if h0 is None else h0.float()
-    x32, dt32, B32, C32 = x.float(), dt.float(), B.float(), C.float()
+    # time-major and contiguous: every step's slice has the same strides whatever the length
+    # (torch.compile specialises on strides: (b, l, ...)[:, t] would recompile for every length)
+    x32, dt32, B32, C32 = (v.float().transpose(0, 1).contiguous() for v in (x, dt, B, C))
     s_n = quantizer.s_n.detach().float()
     static = quantizer.static_scale.detach().float().clamp(min=1e-12)
     stochastic = quantizer.rounding == "stochastic"
@@ -141,12 +143,12 @@ def quantized_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
     step = _step_for(quantizer, x.device)[1]              # eager for the first token, then the
     for t in range(length):                               # compiled step, checked on a live state
         u = torch.rand(h.shape, generator=quantizer.generator, device=x.device) if stochastic else None
-        args = (h, x32[:, t], dt32[:, t], A, B32[:, t], C32[:, t], s_n, static, u)
+        args = (h, x32[t], dt32[t], A, B32[t], C32[t], s_n, static, u)
         if t == 1:
             step = _checked_step(quantizer, x.device, args)
         h, y = step(*args)
         ys.append(y)
     y = torch.stack(ys, dim=1)
     if D is not None:
-        y = y + D * x32
+        y = y + D * x.float()
     return y, h
