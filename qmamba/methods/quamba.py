@@ -18,11 +18,10 @@ quantization (W4A16) the rotation still applies: it is exact and spreads weight 
 of out_proj too. Not included from Quamba(2): the rotated residual stream (Hadamard fused into
 embedding, in_proj and lm_head).
 
-Checkpoints: the rotation is a buffer inside out_proj's input quantizer,
-`backbone.layers.{i}.mixer.out_proj.input_quant.rotate.signs` beside `...input_quant.quant.scale`.
-A loader rebuilds the modules with `install_quantizers`, then `install_rotations` (this method's
-`restore`), then `quantize_weights`, and assigns the saved tensors; the saved weights are
-already rotated, so nothing is rotated again.
+Checkpoints: the rotation (a fast Walsh-Hadamard transform inside out_proj's input quantizer)
+holds no tensor. A loader rebuilds the modules with `install_quantizers`, then
+`install_rotations` (this method's `restore`), then `quantize_weights`, and assigns the saved
+tensors; the saved weights are already rotated, so nothing is rotated again.
 """
 
 from __future__ import annotations
