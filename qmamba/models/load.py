@@ -162,6 +162,14 @@ def _load_quantized(folder: Path, raw: dict, dtype: torch.dtype, device) -> Mamb
     return build_quantized(raw, read_weights(folder), dtype, device)
 
 
+def _major(raw: dict) -> int:
+    """Major version of the transformers that wrote a config.json (0 if unknown)."""
+    try:
+        return int(str(raw.get("transformers_version", "0")).split(".")[0])
+    except ValueError:
+        return 0
+
+
 def load_folder(folder, dtype: torch.dtype = torch.float32,
                 device: Union[str, torch.device] = "cpu") -> tuple[MambaLM, str, dict]:
     """Model folder -> (model in eval mode, format 'hf' | 'mamba_ssm', raw config.json)."""
@@ -172,8 +180,9 @@ def load_folder(folder, dtype: torch.dtype = torch.float32,
     fmt = detect_format(raw)
     cfg = model_config(raw, fmt)
     sd = read_weights(folder)
-    if fmt == "hf" and "tie_word_embeddings" not in raw and LM_HEAD in sd:
+    if fmt == "hf" and "tie_word_embeddings" not in raw and LM_HEAD in sd and _major(raw) >= 5:
         # transformers 5.x no longer writes tie_word_embeddings for Mamba and keeps the head it
-        # saved separate: where the config is silent, the weights say whether the head is tied
+        # saved separate: where its config is silent, the weights say whether the head is tied
+        # (a 4.x config that is silent means tied, its default)
         cfg = dataclasses.replace(cfg, tie_embeddings=torch.equal(sd[LM_HEAD], sd[EMBEDDINGS]))
     return build_model(cfg, sd, dtype, device, f"the weights in {folder}"), fmt, raw
