@@ -135,6 +135,30 @@ def save_bin_folder():
     return save_bin
 
 
+def capture_scan(mixer, run) -> list:
+    """The native scan inputs (x, dt, B, C) of every `mixer.scan` call made while `run()` runs
+    (under no_grad); the mixer's own scan still computes the result."""
+    captured, real = [], mixer.scan
+
+    def record(x, dt, B, C, state):
+        captured.append((x, dt, B, C))
+        return real(x, dt, B, C, state)
+
+    mixer.scan = record
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        del mixer.scan
+    return captured
+
+
+@pytest.fixture(scope="session")
+def scan_inputs():
+    """capture_scan(mixer, run) -> [(x, dt, B, C), ...]."""
+    return capture_scan
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return TOKENIZER_DIR

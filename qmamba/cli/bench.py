@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json
+from .common import positive_ints
 
 MAX_TOKENS = 1 << 16      # prompt or generation lengths beyond this are a mistake here
 
@@ -45,22 +46,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _positive_list(spec: str, what: str) -> list[int]:
-    try:
-        vals = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if not vals or any(v <= 0 for v in vals):
-        raise QMambaError(f"{what} must be positive integers separated by commas, got {spec!r}")
-    return vals
-
 
 def _check(args) -> tuple[list[int], list[str]]:
     import torch
 
     from ..quant.config import QuantConfig
 
-    batches = _positive_list(args.batch, "--batch")
+    batches = positive_ints(args.batch, "--batch")
     for name in ("prompt_len", "gen_len", "reps", "threads"):
         v = getattr(args, name)
         if v <= 0:

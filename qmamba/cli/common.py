@@ -13,6 +13,17 @@ from ..errors import QMambaError
 log = logging.getLogger("qmamba")
 
 
+def positive_ints(spec: str, what: str) -> list[int]:
+    """'1,16,64' -> [1, 16, 64]; a one-line error naming `what` unless all are positive integers."""
+    try:
+        vals = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v <= 0 for v in vals):
+        raise QMambaError(f"{what} must be positive integers separated by commas, got {spec!r}")
+    return vals
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"reference model name, model folder (float or quantized) or hub id (default {DEFAULT_MODEL})")

@@ -19,7 +19,7 @@ import torch
 from ..errors import QMambaError
 from ..models.shapes import SHAPES
 from ..utils.io import atomic_write_json
-from .common import add_model_args
+from .common import add_model_args, positive_ints
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,15 +41,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _batches(spec: str) -> list[int]:
-    try:
-        out = [int(b) for b in spec.split(",") if b.strip()]
-    except ValueError:
-        out = []
-    if not out or any(b <= 0 for b in out):
-        raise QMambaError(f"--batch must be positive integers separated by commas, got {spec!r}")
-    return out
-
 
 def _mib(b: int) -> str:
     return f"{b / 2 ** 20:,.2f} MiB"
@@ -62,7 +53,7 @@ def run(args) -> int:
     from ..quant.checkpoint import quantize_structure
     from ..quantize import resolve_config
 
-    batches = _batches(args.batch)
+    batches = positive_ints(args.batch, "--batch")
     qcfg = None
     if args.quant:
         opts = {k: v for k, v in dict(state_quant=args.state_quant, state_scale=args.state_scale,

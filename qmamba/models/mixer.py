@@ -59,7 +59,7 @@ class MixerBase(nn.Module):
                 state.ssm.write(h)
             return y
         if q.mode == "observe" and state is None:
-            return self._observed_scan(x, dt, B, C, q)
+            return self.segmented_scan(x, dt, B, C, None, OBSERVE_EVERY, q)[0]   # q observes, returns h
         if state is None:
             q.reseed()                 # a pass over whole sequences: the same noise every time
         if self.state_sim is not None and self.training:
@@ -76,17 +76,17 @@ class MixerBase(nn.Module):
             return y
         return selective_scan_ref(*args, h0, q if state is None else state.ssm.write)[0]
 
-    def _observed_scan(self, x, dt, B, C, q) -> Tensor:
-        """Calibration: the float parallel scan in segments of OBSERVE_EVERY tokens, the state
-        quantizer observing the float state (b, d, n) after each segment (the 16th, 32nd, ...
-        token of every sequence), at a fraction of the per-token loop's cost."""
-        ys, h = [], None
-        for s in range(0, x.shape[1], OBSERVE_EVERY):
-            seg = slice(s, s + OBSERVE_EVERY)
+    def segmented_scan(self, x, dt, B, C, h0: Optional[Tensor], every: int, on_state) -> tuple[Tensor, Tensor]:
+        """The parallel scan in segments of `every` tokens; the state carried from one segment
+        to the next is `on_state(h)` (b, d, n). Calibration observes it (every 16th token); the
+        ESR "chunk" simulation quantizes it. Returns y (b, l, d), the last carried state."""
+        ys, h = [], h0
+        for s in range(0, x.shape[1], every):
+            seg = slice(s, s + every)
             y, h = self.parallel_scan(x[:, seg], dt[:, seg], B[:, seg], C[:, seg], h)
-            q(h)
+            h = on_state(h)
             ys.append(y)
-        return torch.cat(ys, dim=1)
+        return torch.cat(ys, dim=1), h
 
     def ssm_state_shape(self) -> tuple[int, int]:
         raise NotImplementedError

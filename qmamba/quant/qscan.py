@@ -137,12 +137,10 @@ def quantized_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
     s_n = quantizer.s_n.detach().float()
     static = quantizer.static_scale.detach().float().clamp(min=1e-12)
     stochastic = quantizer.rounding == "stochastic"
-    if stochastic and (quantizer.generator is None or quantizer.generator.device != x.device):
-        quantizer.generator = torch.Generator(device=x.device).manual_seed(quantizer.seed)
     ys = []
     step = _step_for(quantizer, x.device)[1]              # eager for the first token, then the
     for t in range(length):                               # compiled step, checked on a live state
-        u = torch.rand(h.shape, generator=quantizer.generator, device=x.device) if stochastic else None
+        u = quantizer.noise(h.shape, x.device) if stochastic else None
         args = (h, x32[t], dt32[t], A, B32[t], C32[t], s_n, static, u)
         if t == 1:
             step = _checked_step(quantizer, x.device, args)

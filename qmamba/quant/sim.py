@@ -71,7 +71,9 @@ class StateSim(nn.Module):
     def forward(self, mixer, x, dt, B, C, h0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         q = self._q[0]
         if self.kind == "chunk":
-            return self._chunked(mixer, x, dt, B, C, h0, q)
+            # the mixer's own parallel scan chunk by chunk, the carried state quantized:
+            # no (b, l, d, n) tensor is ever built
+            return mixer.segmented_scan(x, dt, B, C, h0, self.chunk, q.fake_quant)
         x, dt, A, B, C, D = mixer.per_channel(x, dt, B, C)
         if self.kind == "exact":
             return selective_scan_ref(x, dt, A, B, C, D, h0, q.fake_quant)
@@ -83,14 +85,3 @@ class StateSim(nn.Module):
             e = _fake(q, hs) - hs                                           # per-step errors at FP states
             hq = hs + linear_scan(a, e, None)
         return _readout(hq, x, C, D), hq[:, -1]
-
-    def _chunked(self, mixer, x, dt, B, C, h0, q):
-        """The mixer's own parallel scan (SSD / chunked Mamba1 scan) chunk by chunk, the state
-        carried between chunks stored (quantized): no (b, l, d, n) tensor is ever built."""
-        ys, h = [], h0
-        for s in range(0, x.shape[1], self.chunk):
-            sl = slice(s, s + self.chunk)
-            y, h = mixer.parallel_scan(x[:, sl], dt[:, sl], B[:, sl], C[:, sl], h)
-            h = q.fake_quant(h)
-            ys.append(y)
-        return torch.cat(ys, dim=1), h

@@ -137,11 +137,15 @@ class StateQuantizer(nn.Module):
         cache) draws the same noise, whatever ran before, so results reproduce after reloading."""
         self.generator = None
 
+    def noise(self, shape, device) -> Tensor:
+        """Uniform [0, 1) draws for stochastic rounding from this quantizer's seeded stream."""
+        if self.generator is None or self.generator.device != torch.device(device):
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.rand(shape, generator=self.generator, device=device)
+
     def _round(self, v: Tensor) -> Tensor:
         if self.rounding == "stochastic":
-            if self.generator is None or self.generator.device != v.device:
-                self.generator = torch.Generator(device=v.device).manual_seed(self.seed)
-            return torch.floor(v + torch.rand(v.shape, generator=self.generator, device=v.device))
+            return torch.floor(v + self.noise(v.shape, v.device))
         return torch.round(v)
 
     def quantize(self, h: Tensor) -> tuple[Tensor, Optional[Tensor]]:

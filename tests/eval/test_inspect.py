@@ -115,7 +115,7 @@ def test_layer_subset(two_layer_mamba2, tmp_path):
 
 # ------------------------------------------------------------------------------ against direct computations
 @pytest.mark.parametrize("which", ["tiny_mamba2", "tiny_mamba1"])
-def test_stats_match_direct_computation(which, request):
+def test_stats_match_direct_computation(which, request, scan_inputs):
     loaded = load(request.getfixturevalue(which)[1])
     model = loaded.model
     ids = calibration_ids(loaded.tokenizer, nsamples=3, seqlen=20, seed=1)
@@ -124,20 +124,7 @@ def test_stats_match_direct_computation(which, request):
     assert "scan" not in vars(mixer)                 # the probe is gone
 
     # the native scan inputs of the float model, captured independently
-    captured = []
-    orig = mixer.scan
-
-    def capture(x, dt, B, C, state):
-        captured.append((x, dt, B, C))
-        return orig(x, dt, B, C, state)
-
-    mixer.scan = capture
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        del mixer.scan
-    ((x, dt, B, C),) = captured
+    ((x, dt, B, C),) = scan_inputs(mixer, lambda: model(ids))
     with torch.no_grad():
         # every state h_t as the final state of the parallel scan of the prefix 1..t
         prefix = torch.stack([mixer.parallel_scan(x[:, :t], dt[:, :t], B[:, :t], C[:, :t], None)[1]

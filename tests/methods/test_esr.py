@@ -50,36 +50,18 @@ def test_exact_simulation_is_the_exact_recurrence(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunk_simulation_carries_the_exact_state_at_chunk_one(arch):
+def test_chunk_simulation_carries_the_exact_state_at_chunk_one(arch, scan_inputs):
     """With chunks of one token every carried state is quantized, so the final state is the
     exact recurrence's (the read-outs inside a chunk use the float state, by design)."""
     model, _ = calibrated(arch, "w8a8h8")
     mixer = model.backbone.layers[0].mixer
     x = model.backbone.layers[0].norm(model.backbone.embeddings(IDS))
-    xs, dt, B, C = captured_scan_inputs(mixer, x)
+    ((xs, dt, B, C),) = scan_inputs(mixer, lambda: mixer(x))
     q = mixer.state_quant
     with torch.no_grad():
         _, h_sim = StateSim("chunk", q, chunk=1)(mixer, xs, dt, B, C)
         _, h_exact = StateSim("exact", q)(mixer, xs, dt, B, C)
     assert rel_err(h_sim, h_exact) < 1e-3
-
-
-def captured_scan_inputs(mixer, x):
-    """The native scan inputs (x, dt, B, C) of one forward of `mixer`."""
-    seen = {}
-    real = mixer.scan
-
-    def record(xs, dt, B, C, state):
-        seen["args"] = (xs, dt, B, C)
-        return real(xs, dt, B, C, state)
-
-    mixer.scan = record
-    try:
-        with torch.no_grad():
-            mixer(x)
-    finally:
-        del mixer.scan
-    return seen["args"]
 
 
 @pytest.mark.parametrize("sim", SIMS)
