@@ -126,3 +126,17 @@ def test_blocks_train_on_the_gpu_and_return():
     assert all(p.device.type == "cpu" for p in model.parameters())
     for a, b in zip(model.backbone.layers, cpu.backbone.layers):
         assert torch.allclose(a.mixer.state_quant.s_n, b.mixer.state_quant.s_n, rtol=1e-3)
+
+
+def test_a_reconstruction_that_hurts_is_undone():
+    """A learning rate far too large makes training worse; those blocks keep their calibrated
+    parameters and their error."""
+    model, qcfg = calibrated("mamba2", state_scale="static")
+    s_n0 = [m.mixer.state_quant.s_n.detach().clone() for m in model.backbone.layers]
+    records = reconstruct(model, qcfg, CALIB, ESRConfig(sim="chunk", nsamples=8, seqlen=32, epochs=1, lr=50.0,
+                                                        chunk=8), progress=False)
+    undone = [i for i, r in enumerate(records) if not r["kept"]]
+    assert undone, records
+    for i in undone:
+        assert records[i]["mse_after"] == records[i]["mse_before"]
+        assert torch.equal(model.backbone.layers[i].mixer.state_quant.s_n, s_n0[i])
