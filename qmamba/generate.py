@@ -53,7 +53,7 @@ def generate(model: MambaLM, input_ids: Tensor, max_new_tokens: int, temperature
         generator.manual_seed(seed)
     out = [input_ids]
     cache = model.allocate_cache(input_ids.shape[0])
-    logits = model(input_ids, cache)[:, -1]                                 # (b, vocab)
+    logits = model(input_ids, cache, logits_to_keep=1)[:, -1]              # (b, vocab)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, generator)               # (b,)

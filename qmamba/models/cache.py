@@ -27,6 +27,14 @@ class SSMState:
         self.h = h.to(self.h.dtype)
         return self.h.float()
 
+    def step(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        """One token: h <- exp(dt A) h + dt x B, stored; returns <h, C> (b, d).
+        x, dt (b, d) float32; A (d, n) or (d, 1); B, C (b, g, n)."""
+        from .scan import ssm_readout, ssm_update
+
+        h = self.write(ssm_update(self.read(), x, dt, A, B))
+        return ssm_readout(h, C, x, None)
+
     def tensors(self) -> dict[str, Tensor]:
         """The tensors that hold the state in memory (for the memory report)."""
         return {"h": self.h}

@@ -70,14 +70,18 @@ class MambaLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def forward(self, input_ids: Tensor, cache: Optional[InferenceCache] = None,
-                return_hidden: bool = False) -> Tensor:
-        """input_ids (b, l) -> logits (b, l, vocab) in float32. A cache is read and advanced."""
+                return_hidden: bool = False, logits_to_keep: int = 0) -> Tensor:
+        """input_ids (b, l) -> logits (b, l, vocab) in float32. A cache is read and advanced.
+        `logits_to_keep` > 0 computes only the last that many positions' logits (a prompt
+        before generation needs one), as transformers' argument of that name does."""
         hidden = self.backbone.embeddings(input_ids)                        # (b, l, d_model)
         for i, layer in enumerate(self.backbone.layers):
             hidden = layer(hidden, None if cache is None else cache[i])
         if cache is not None:
             cache.seqlen += input_ids.shape[1]
-        return hidden if return_hidden else self._head(hidden)
+        if return_hidden:
+            return hidden
+        return self._head(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
 
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:

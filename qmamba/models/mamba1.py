@@ -17,7 +17,7 @@ from .cache import LayerState
 from .config import ModelConfig
 from .layers import causal_conv1d, conv_tail, rms
 from .mixer import MixerBase, conv_step
-from .scan import selective_scan, ssm_readout, ssm_update
+from .scan import selective_scan
 
 
 class Mamba1Mixer(MixerBase):
@@ -68,14 +68,17 @@ class Mamba1Mixer(MixerBase):
         y = y.to(hidden.dtype) * F.silu(self.quant_z(z))                    # (b, l, d)
         return self.out_proj(y)
 
+    def _decode_constants(self):
+        with torch.no_grad():
+            return -torch.exp(self.A_log.float()), self.D.float()
+
     def step(self, hidden: Tensor, state: LayerState) -> Tensor:
         """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                        # (b, d)
         x, tail = conv_step(self.conv_read(state, x.dtype), self.quant_conv(x), self.conv1d.weight, self.conv1d.bias)
         self.conv_write(state, tail)
         x, dt, B, C = self._ssm_inputs(F.silu(x))                           # B, C (b, n)
-        A = -torch.exp(self.A_log.float())
-        h = ssm_update(state.ssm.read(), x.float(), dt.float(), A, B.float().unsqueeze(1))
-        h = state.ssm.write(h)
-        y = ssm_readout(h, C.float().unsqueeze(1), x.float(), self.D.float())
+        A, D = self.decode_constants()                                      # (d, n), (d,)
+        y = state.ssm.step(x.float(), dt.float(), A, B.float().unsqueeze(1), C.float().unsqueeze(1))
+        y = y + D * x.float()                                               # (b, d)
         return self.out_proj(y.to(hidden.dtype) * F.silu(self.quant_z(z)))

@@ -18,7 +18,7 @@ from .cache import LayerState
 from .config import ModelConfig
 from .layers import GatedRMSNorm, causal_conv1d, conv_tail
 from .mixer import MixerBase, conv_step
-from .scan import ssd_scan, ssm_readout, ssm_update
+from .scan import ssd_scan
 
 
 class Mamba2Mixer(MixerBase):
@@ -76,6 +76,10 @@ class Mamba2Mixer(MixerBase):
         return (x, self._per_channel(dt), self._per_channel(A)[:, None], B, C,
                 self._per_channel(self.D.float()))
 
+    def _decode_constants(self):
+        with torch.no_grad():
+            return self._per_channel(-torch.exp(self.A_log.float()))[:, None], self._per_channel(self.D.float())
+
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
         z, xBC, dt = self._split(self.in_proj(hidden))
@@ -95,10 +99,8 @@ class Mamba2Mixer(MixerBase):
         xBC, tail = conv_step(self.conv_read(state, xBC.dtype), self.quant_conv(xBC), self.conv1d.weight, self.conv1d.bias)
         self.conv_write(state, tail)
         x, dt, B, C = self._ssm_inputs(F.silu(xBC), dt)                     # B, C (b, g, n)
-        A = -torch.exp(self.A_log.float())
+        A, D = self.decode_constants()                                      # (d, 1), (d,)
         x32 = x.float()
-        h = ssm_update(state.ssm.read(), x32, self._per_channel(dt.float()),
-                       self._per_channel(A)[:, None], B.float())
-        h = state.ssm.write(h)
-        y = ssm_readout(h, C.float(), x32, self._per_channel(self.D.float()))
+        y = state.ssm.step(x32, self._per_channel(dt.float()), A, B.float(), C.float())
+        y = y + D * x32                                                     # (b, d)
         return self.out_proj(self.norm(y.to(hidden.dtype), self.quant_z(z)))

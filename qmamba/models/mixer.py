@@ -65,6 +65,15 @@ class MixerBase(nn.Module):
         if self.state_sim is not None and self.training:
             return self.state_sim(self, x, dt, B, C, h0)[0]
         args = self.per_channel(x, dt, B, C)
+        if q.mode == "quant" and not torch.is_grad_enabled():
+            from ..quant.qscan import kernel_scan, use_cpu_kernel
+            from ..quant.state import QuantizedSSMState
+
+            stored = None if state is None else state.ssm
+            if use_cpu_kernel(q, x) and (stored is None or isinstance(stored, QuantizedSSMState)):
+                xs, dts, A, Bs, Cs, D = args         # the C kernel, on the integer cache itself
+                y = kernel_scan(stored if stored is not None else q.allocate(x.shape[0]), xs, dts, A, Bs, Cs)
+                return y if D is None else y + D * xs.float()
         # the fused scan; with stochastic rounding only without a cache (writing the final state
         # into one would draw again and shift the seeded stream that decode continues)
         if q.mode == "quant" and not torch.is_grad_enabled() and (state is None or q.rounding == "nearest"):
@@ -89,6 +98,18 @@ class MixerBase(nn.Module):
         return torch.cat(ys, dim=1), h
 
     def ssm_state_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def decode_constants(self) -> tuple[Tensor, Tensor]:
+        """A and D in the per-channel form of the token step ((d, n) or (d, 1), and (d,)),
+        recomputed only when A_log or D change (a decode step would redo it for every token)."""
+        key = (self.A_log._version, self.A_log.data_ptr(), self.D._version, self.D.data_ptr())
+        if self.__dict__.get("_decode_key") != key:
+            self.__dict__["_decode_consts"] = self._decode_constants()
+            self.__dict__["_decode_key"] = key
+        return self.__dict__["_decode_consts"]
+
+    def _decode_constants(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     # the conv state holds conv inputs; with a static A-bit quantizer there, it holds their codes

@@ -28,19 +28,29 @@ class QEmbedding(nn.Module):
         m.codes.copy_(quantize(w.float(), m.scale, HEAD_BITS))
         return m
 
-    def dequantized(self) -> Tensor:
-        return (self.codes.float() * self.scale).to(self.dtype)
-
     def forward(self, ids: Tensor) -> Tensor:
         return (F.embedding(ids, self.codes).float() * F.embedding(ids, self.scale)).to(self.dtype)
 
 
 class TiedQHead(nn.Module):
-    """lm_head tied to a QEmbedding: logits = h @ dequant(codes)^T. Holds no tensors itself."""
+    """lm_head tied to a QEmbedding: logits = h @ dequant(codes)^T. Holds no tensors itself.
+
+    Never builds a float copy of the whole table: "sim" dequantizes blocks of vocabulary rows,
+    "int" (`qmamba.quant.intmm.set_execution`) reads the int8 codes in the C kernel."""
+
+    exec_mode = "sim"
 
     def __init__(self, embedding: QEmbedding):
         super().__init__()
         self._emb = [embedding]          # a list keeps it out of this module's state dict
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self._emb[0].dequantized().to(hidden.dtype))
+        from .intmm import blockwise_linear, weight_only
+
+        emb = self._emb[0]
+        h = hidden.reshape(-1, hidden.shape[-1])                            # (m, d)
+        if self.exec_mode == "int":
+            y = weight_only(h.float(), emb.codes, emb.scale)
+        else:
+            y = blockwise_linear(h.float(), emb.codes, emb.scale)
+        return y.reshape(*hidden.shape[:-1], -1).to(hidden.dtype)

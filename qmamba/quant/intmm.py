@@ -2,14 +2,17 @@
 
     y = (s_x * s_w) * (q_x @ q_w^T) + bias       q_x = round(x / s_x) in [-127, 127] (int8)
 
-`torch._int_mm` does the product (CUDA, and CPU through oneDNN; exact int32 accumulation). W4
-weights are unpacked to int8 per call; group-wise weights take one product per group. The
-simulated path of `QLinear.forward` computes the same sum in float32 from dequantized operands,
-so the two agree up to float rounding (tests/quant/test_intmm.py).
+Two backends compute the int32 products exactly: on an x86 CPU with AVX2, the small C kernel of
+`qmamba.quant.cpu_kernels` (it reads the int8 weights once per call, the decode bottleneck);
+elsewhere `torch._int_mm` (CUDA, and CPU through oneDNN, which is slow without VNNI/AMX). W4
+weights are unpacked to int8 per call; group-wise weights get one scale per group and product.
+Weight-only layers (W4A16/W8A16 linears, an untied 8-bit lm_head) read int8 weights with float
+activations through the C kernel when it is there, and dequantize otherwise. The simulated path
+of `QLinear.forward` computes the same sums in float32 from dequantized operands, so the two
+agree up to float rounding (tests/quant/test_intmm.py).
 
-Which is faster depends on the machine: `_int_mm` is fast where the CPU has int8 dot-product
-instructions (VNNI, AMX) or on CUDA, and slow on plain AVX2 CPUs, where `qmamba bench` shows it;
-`set_execution(model, "int")` switches a model's linears, "sim" switches back.
+`set_execution(model, "int")` switches a model's linears and its 8-bit lm_head; "sim" switches
+back. `backend()` names what a CPU tensor will run on.
 """
 
 from __future__ import annotations
@@ -18,10 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_kernels
 from .activation import ActQuantizer
 from .linear import QLinear
 
 MODES = ("sim", "int")
+WEIGHT_ONLY_KERNEL_MAX_ROWS = 64    # above this (a prompt), dequantize + float GEMM is faster
+use_cpu_kernels = True              # tests switch this off to exercise torch._int_mm on CPU
+
+
+def _kernel(x: Tensor) -> bool:
+    return use_cpu_kernels and x.device.type == "cpu" and cpu_kernels.available()
+
+
+def backend(device: str = "cpu") -> str:
+    """What the int8 x int8 products of a tensor on `device` run on."""
+    return "avx2 kernel (qmamba.quant.cpu_kernels)" if _kernel(torch.empty(0, device=device)) else "torch._int_mm"
 
 
 def _split_input_quant(iq: nn.Module):
@@ -34,8 +49,13 @@ def _split_input_quant(iq: nn.Module):
 
 
 def supports_int(lin: QLinear) -> bool:
-    _, aq = _split_input_quant(lin.input_quant)
-    return lin.w_bits is not None and aq is not None and aq.bits == 8 and aq.mode == "quant"
+    """Integer weights with an 8-bit input quantizer, or with no input quantizer at all."""
+    pre, aq = _split_input_quant(lin.input_quant)
+    if lin.w_bits is None:
+        return False
+    if aq is None:
+        return pre is None and isinstance(lin.input_quant, nn.Identity)
+    return aq.bits == 8 and aq.mode == "quant"
 
 
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -46,6 +66,28 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b)[:m]
 
 
+def weight_only(x: Tensor, codes: Tensor, scale: Tensor, group_size: int = 0,
+                bias: Tensor | None = None) -> Tensor:
+    """x (m, k) float32 @ dequant(codes (n, k) int8, scale)^T -> (m, n) float32, without a float
+    copy of the whole weight: the C kernel for a few rows, else dequantized blocks of rows."""
+    if not group_size and x.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS and _kernel(x):
+        y = cpu_kernels.f32i8_linear(x, codes, scale)
+    else:
+        y = blockwise_linear(x, codes, scale, group_size)
+    return y if bias is None else y + bias.float()
+
+
+def blockwise_linear(x: Tensor, codes: Tensor, scale: Tensor, group_size: int = 0,
+                     block: int = 8192) -> Tensor:
+    """x (m, k) @ dequant(codes, scale)^T, dequantizing `block` output rows at a time."""
+    from .linear import dequantize_weight
+
+    if codes.shape[0] <= block:
+        return F.linear(x, dequantize_weight(codes, scale, group_size, x.dtype))
+    return torch.cat([F.linear(x, dequantize_weight(codes[i:i + block], scale[i:i + block], group_size, x.dtype))
+                      for i in range(0, codes.shape[0], block)], dim=-1)
+
+
 def linear_int(lin: QLinear, x: Tensor) -> Tensor:
     """`lin(x)` through integer products. x (..., k) float -> (..., n) in x's dtype."""
     pre, aq = _split_input_quant(lin.input_quant)
@@ -53,9 +95,16 @@ def linear_int(lin: QLinear, x: Tensor) -> Tensor:
         x = pre(x)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()                                   # (m, k)
+    codes = lin.codes()                                                     # (n, k) int8
+    if aq is None:                                                          # weight-only
+        y = weight_only(x2, codes, lin.w_scale, lin.group_size, lin.bias)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+    if _kernel(x2):                       # the kernel quantizes the rows itself (same rounding)
+        static = None if aq.dynamic else float(aq.scale)
+        y = cpu_kernels.i8_linear_quantizing(x2, static, codes, lin.w_scale, lin.group_size, lin.bias)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
     s_x = aq.current_scale(x2).float()                                      # () or (m, 1)
     q_x = torch.round(x2 / s_x).clamp(-127, 127).to(torch.int8)
-    codes = lin.codes()                                                     # (n, k) int8
     if lin.group_size:
         gs = lin.group_size
         y = 0
@@ -71,13 +120,16 @@ def linear_int(lin: QLinear, x: Tensor) -> Tensor:
 
 
 def set_execution(model: nn.Module, mode: str) -> int:
-    """Run every eligible QLinear (W-bit weights, 8-bit input quantizer) as integer products
-    ("int") or through dequantized float weights ("sim"). Returns how many were switched."""
+    """Run every eligible QLinear (integer weights; an 8-bit input quantizer or none) and the
+    tied 8-bit lm_head through integer weights ("int") or through dequantized float weights
+    ("sim"). Returns how many modules were switched."""
+    from .embedding import TiedQHead
+
     if mode not in MODES:
         raise ValueError(f"execution mode must be one of {MODES}")
     count = 0
     for m in model.modules():
-        if isinstance(m, QLinear) and supports_int(m):
+        if (isinstance(m, QLinear) and supports_int(m)) or isinstance(m, TiedQHead):
             m.exec_mode = mode
             count += 1
     return count

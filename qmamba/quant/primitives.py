@@ -36,6 +36,8 @@ def storage_dtype(bits: int, symmetric: bool = True) -> torch.dtype:
 
 def round_ste(x: Tensor) -> Tensor:
     """round() in the forward pass, identity gradient in the backward pass."""
+    if not x.requires_grad:              # the same value (x + (round(x) - x) is exact), 3 ops fewer
+        return torch.round(x)
     return x + (torch.round(x) - x).detach()
 
 

@@ -65,8 +65,9 @@ class StateQuantizer(nn.Module):
         self.mode = "quant"
         self.seed = seed
         self.generator: Optional[torch.Generator] = None
-        # calibrated |h| maxima over all tokens: the source of every static scale
-        self.register_buffer("amax", torch.zeros(d, n), persistent=False)
+        # calibrated |h| maxima over all tokens, the source of every static scale: (d, n) once
+        # observed, empty until then (a quantized model loaded or built for decoding has none)
+        self.register_buffer("amax", torch.zeros(0), persistent=False)
         # DSQ state-axis scale (learnable by ESR; geometric mean 1) and the static scale, whose
         # shape depends on the kind (see `_static_shape`); a clip factor shrinks static ranges
         self.s_n = nn.Parameter(torch.ones(n), requires_grad=False)
@@ -196,6 +197,8 @@ class StateQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, h: Tensor):
         a = h.detach().abs().float()
+        if self.amax.numel() == 0:
+            self.amax = torch.zeros(self.d, self.n, device=a.device)
         self.amax.copy_(torch.maximum(self.amax, a.amax(0)))    # NaN and inf propagate: checked at the end
         # reservoir sample of single-sequence states for the clipping search (seeded)
         cap = max(1, min(MAX_SAMPLES, SAMPLE_BUDGET // (self.d * self.n)))
@@ -225,6 +228,8 @@ class StateQuantizer(nn.Module):
     def finish_calibration(self):
         """Static scales from the calibration maxima; for DSQ the state-axis exponent and, with
         static channel scales, the clipping factor are chosen by the error on the samples."""
+        if self.amax.numel() == 0:
+            raise QMambaError(f"the SSM state at {self.where or 'a layer'} was never observed or is all zero")
         if not torch.isfinite(self.amax).all():
             raise QMambaError(f"non-finite SSM state (NaN or inf) at {self.where or 'a layer'} during calibration")
         if self.amax.max() <= 0:
@@ -288,6 +293,13 @@ class QuantizedSSMState(SSMState):
         if scale is not None:
             self.scales = scale.half()
         return q.dequantize(codes, scale)
+
+    def step(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        """One token read from and written back to the packed codes in one fused step (same
+        numbers as read -> update -> write -> read-out; tests/quant/test_state.py)."""
+        from .qscan import cache_step
+
+        return cache_step(self, x, dt, A, B, C)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"codes": self.codes}

@@ -152,6 +152,16 @@ def test_hf_folder(case, parity_log):
     check_paths(name, "hf", loaded.model, ids, ref, parity_log)
 
 
+@torch.no_grad()
+def test_logits_to_keep(case):
+    """Only the last positions' logits, as transformers' argument of the same name."""
+    name, hf, folder, ids, ref = case
+    model = qmamba.load(folder).model
+    last = model(ids, logits_to_keep=2)
+    assert last.shape == (ids.shape[0], 2, hf.config.vocab_size)
+    torch.testing.assert_close(last, model(ids)[:, -2:], rtol=1e-5, atol=1e-5)
+
+
 def test_mamba_ssm_folder(case, parity_log, tmp_path):
     name, hf, folder, ids, ref = case
     if hf.config.model_type == "falcon_mamba":

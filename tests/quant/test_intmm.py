@@ -1,5 +1,6 @@
 """Integer execution (int8 x int8 -> int32, scales after) against the simulated path of QLinear,
-layer by layer (float rounding only) and through whole quantized models."""
+layer by layer (float rounding only) and through whole quantized models, on both backends (the
+AVX2 C kernel where this CPU has it, torch._int_mm always)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from qmamba.quant import cpu_kernels, intmm
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.intmm import linear_int, set_execution, supports_int
 from qmamba.quant.linear import QLinear
@@ -29,8 +31,17 @@ def calibrated_linear(bits: int, group: int, dynamic: bool, seed: int = 0) -> tu
     return QLinear.from_linear(lin, bits, group, input_quant=aq), x
 
 
-@pytest.mark.parametrize("bits, group, dynamic", [(8, 0, False), (8, 0, True), (4, 0, False), (4, 16, False)])
-def test_integer_linear_equals_simulated(bits, group, dynamic):
+@pytest.fixture(params=["kernel", "torch"])
+def backend(request, monkeypatch):
+    if request.param == "kernel" and not cpu_kernels.available():
+        pytest.skip(f"no CPU kernel here: {cpu_kernels.unavailable_reason()}")
+    monkeypatch.setattr(intmm, "use_cpu_kernels", request.param == "kernel")
+    return request.param
+
+
+@pytest.mark.parametrize("bits, group, dynamic", [(8, 0, False), (8, 0, True), (4, 0, False), (4, 16, False),
+                                                  (8, 32, True)])
+def test_integer_linear_equals_simulated(bits, group, dynamic, backend):
     q, x = calibrated_linear(bits, group, dynamic)
     assert supports_int(q)
     with torch.no_grad():
@@ -41,7 +52,8 @@ def test_integer_linear_equals_simulated(bits, group, dynamic):
 
 
 def test_integer_product_is_really_integer(monkeypatch):
-    """The product goes through torch._int_mm with int8 operands."""
+    """Without the C kernel, the product goes through torch._int_mm with int8 operands."""
+    monkeypatch.setattr(intmm, "use_cpu_kernels", False)
     seen = []
     real = torch._int_mm
 
@@ -58,9 +70,47 @@ def test_integer_product_is_really_integer(monkeypatch):
     assert seen == [(torch.int8, torch.int8)]
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 C kernel on this machine")
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_kernel_quantizes_activations_as_torch_does(dynamic, monkeypatch):
+    """With the C kernel, the int8 codes of the weights reach it and its own activation rounding
+    gives exactly the integer product of the activations quantized by PyTorch."""
+    seen = []
+    real = cpu_kernels.i8_linear_quantizing
+
+    def spy(x, static, codes, *rest):
+        seen.append(codes.dtype)
+        return real(x, static, codes, *rest)
+
+    monkeypatch.setattr(cpu_kernels, "i8_linear_quantizing", spy)
+    monkeypatch.setattr(torch, "_int_mm", None)
+    q, x = calibrated_linear(8, 0, dynamic)
+    with torch.no_grad():
+        out = linear_int(q, x)
+        x2 = x.reshape(-1, 64)
+        s_x = q.input_quant.current_scale(x2).float()
+        q_x = torch.round(x2 / s_x).clamp(-127, 127).to(torch.int8)
+        ref = cpu_kernels.i8_linear(q_x, s_x.reshape(-1), q.codes(), q.w_scale, 0, q.bias)
+    assert seen == [torch.int8]
+    assert torch.equal(out.reshape(-1, 24), ref)
+
+
+def test_weight_only_layers_run_on_integer_weights(backend):
+    """W8A16 (no input quantizer): float activations x int8 weights, same result as simulated."""
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(40, 12, bias=True)
+    q = QLinear.from_linear(lin, 8)
+    assert supports_int(q)
+    x = torch.randn(2, 3, 40, generator=g)
+    with torch.no_grad():
+        sim = q(x)
+        ints = linear_int(q, x)
+    assert ((ints - sim).abs().max() / sim.abs().max()).item() < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("config, method", [("w8a8h4", "rtn"), ("w4a8h4", "dsq"), ("w8a8", "quamba")])
-def test_integer_model_matches_simulated_model(arch, config, method):
+def test_integer_model_matches_simulated_model(arch, config, method, backend):
     model = quantize(float_model(arch), config, calib=CALIB, method=method, progress=False)
     with torch.no_grad():
         sim = model(IDS)
@@ -68,8 +118,8 @@ def test_integer_model_matches_simulated_model(arch, config, method):
         ints = model(IDS)
         set_execution(model, "sim")
         back = model(IDS)
-    # Mamba1: in_proj, dt_proj, out_proj (x_proj reads the already quantized scan input x)
-    assert n == {"mamba1": 3, "mamba2": 2}[arch] * model.config.n_layer
+    # Mamba1: in_proj, dt_proj, out_proj, and x_proj weight-only (it reads the already quantized x)
+    assert n == {"mamba1": 4, "mamba2": 2}[arch] * model.config.n_layer
     assert torch.equal(back, sim)
     # code flips at rounding boundaries downstream make whole-model agreement looser than per layer
     assert ((ints - sim).abs().max() / sim.abs().max()).item() < 1e-2
@@ -78,3 +128,17 @@ def test_integer_model_matches_simulated_model(arch, config, method):
 def test_activation_only_layers_stay_simulated():
     q = QLinear.from_linear(nn.Linear(8, 4), None, input_quant=ActQuantizer(8))
     assert not supports_int(q)
+
+
+def test_tied_head_switches_and_agrees(backend):
+    model = quantize(float_model("mamba2"), "w8a8h4", calib=CALIB, method="rtn", progress=False,
+                     quantize_head=True)
+    with torch.no_grad():
+        sim = model(IDS)
+        n = set_execution(model, "int")
+        head = model.lm_head(torch.randn(3, model.config.d_model))
+        ints = model(IDS)
+        set_execution(model, "sim")
+    assert n == 2 * model.config.n_layer + 1             # + the tied 8-bit lm_head
+    assert head.shape == (3, model.config.vocab_size)
+    assert ((ints - sim).abs().max() / sim.abs().max()).item() < 1e-2

@@ -1,0 +1,120 @@
+"""The AVX2 C kernels against exact references: int8 x int8 products are integers below 2**24
+here, so float32 holds them exactly and the kernel must match to the last bit; odd shapes hit
+the tails (rows not a multiple of 4, columns not a multiple of 32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmamba.quant import cpu_kernels
+from qmamba.quant.intmm import blockwise_linear
+from qmamba.quant.linear import dequantize_weight
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f"no AVX2 C kernel here: {cpu_kernels.unavailable_reason()}")
+
+
+def codes(*shape, seed=0):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("m, n, k, gs", [(1, 7, 45, 0), (3, 16, 64, 0), (5, 9, 96, 32), (2, 13, 40, 8),
+                                         (17, 4, 768, 128), (1, 1, 1, 0)])
+def test_i8_linear_is_exact(m, n, k, gs):
+    q_x, w = codes(m, k, seed=1), codes(n, k, seed=2)
+    groups = k // gs if gs else 1
+    ones = torch.ones(n, groups)
+    out = cpu_kernels.i8_linear(q_x, torch.ones(m), w, ones, gs, None)
+    exact = (q_x.long() @ w.long().t()).float()
+    assert torch.equal(out, exact)
+
+
+def test_i8_linear_applies_scales_and_bias():
+    g = torch.Generator().manual_seed(4)
+    m, n, k, gs = 3, 10, 96, 32
+    q_x, w = codes(m, k, seed=5), codes(n, k, seed=6)
+    s_x, s_w, bias = torch.rand(m, generator=g), torch.rand(n, k // gs, 1, generator=g), torch.randn(n, generator=g)
+    out = cpu_kernels.i8_linear(q_x, s_x, w, s_w, gs, bias)
+    ref = (q_x.double() * s_x[:, None].double()) @ dequantize_weight(w, s_w, gs, torch.float64).t() + bias.double()
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 11, 37), (4, 8, 64), (70, 5, 24)])
+def test_f32i8_linear_matches_float(m, n, k):
+    g = torch.Generator().manual_seed(7)
+    x, w, s = torch.randn(m, k, generator=g), codes(n, k, seed=8), torch.rand(n, generator=g)
+    out = cpu_kernels.f32i8_linear(x, w, s)
+    ref = x.double() @ (w.double() * s[:, None].double()).t()
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_blockwise_linear_matches_whole_dequantization():
+    g = torch.Generator().manual_seed(9)
+    x, w, s = torch.randn(3, 16, generator=g), codes(50, 16, seed=10), torch.rand(50, 1, generator=g)
+    whole = x @ dequantize_weight(w, s, 0).t()
+    assert torch.allclose(blockwise_linear(x, w, s, block=8), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_error", None)
+    monkeypatch.setenv("QMAMBA_NO_CPU_KERNELS", "1")
+    assert not cpu_kernels.available()
+    assert "QMAMBA_NO_CPU_KERNELS" in cpu_kernels.unavailable_reason()
+
+
+@pytest.mark.parametrize("kind, n, bits, mode, nA, g", [
+    ("dsq", 16, 4, "dynamic", 1, 1), ("dsq", 16, 8, "static", 16, 2), ("dsq", 12, 4, "static", 1, 2),
+    ("dsq", 32, 3, "dynamic", 32, 1), ("dsq", 10, 8, "dynamic", 10, 1), ("channel", 16, 4, "dynamic", 1, 1),
+    ("channel", 16, 4, "static", 1, 1), ("tensor", 16, 4, "static", 16, 1), ("state", 32, 4, "static", 1, 2),
+    ("head", 16, 2, "static", 1, 1)])
+def test_dsq_scan_matches_the_eager_cache(kind, n, bits, mode, nA, g, monkeypatch):
+    """The C recurrence over l tokens on the integer cache (vector and scalar lanes, packed and
+    int8 codes, per-head and per-state A, every quantizer it covers) against the eager read ->
+    update -> write, token by token."""
+    from qmamba.quant import qscan
+    from qmamba.quant.state import StateQuantizer
+
+    gen = torch.Generator().manual_seed(11)
+    b, d, length = 2, 8, 5
+    q = StateQuantizer(kind, bits, d, n, headdim=4, scale_mode=mode)
+    assert qscan.use_cpu_kernel(q, torch.zeros(1))
+    q.mode = "observe"
+    q.observe(torch.randn(4, d, n, generator=gen) * 3)
+    q.finish_calibration()
+    A = -4 * torch.rand(d, nA, generator=gen)
+    x, dt = torch.randn(b, length, d, generator=gen), torch.rand(b, length, d, generator=gen)
+    B, C = torch.randn(b, length, g, n, generator=gen), torch.randn(b, length, g, n, generator=gen)
+    fast, ref = q.allocate(b), q.allocate(b)
+    y = qscan.kernel_scan(fast, x, dt, A, B, C)
+    monkeypatch.setattr(qscan, "use_cpu_kernels", False)
+    y_ref = torch.stack([ref.step(x[:, t], dt[:, t], A, B[:, t], C[:, t]) for t in range(length)], dim=1)
+    assert fast.codes.dtype == ref.codes.dtype and fast.codes.shape == ref.codes.shape
+    assert torch.equal(fast.codes, ref.codes)
+    assert torch.equal(fast.scales, ref.scales)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_model_matches_eager_model(monkeypatch):
+    """A whole W8A8H4 DSQ model: prompt path and decode steps with the C kernels and without."""
+    from qmamba.quant import intmm, qscan
+    from qmamba.quantize import quantize
+
+    from .test_checkpoint import CALIB, IDS, float_model
+
+    model = quantize(float_model("mamba2"), "w8a8h4", calib=CALIB, method="dsq", progress=False)
+
+    def run():
+        with torch.no_grad():
+            cache = model.allocate_cache(IDS.shape[0])
+            head = model(IDS[:, :4], cache)
+            steps = [model.step(IDS[:, t], cache) for t in range(4, IDS.shape[1])]
+            return torch.cat([head, torch.stack(steps, 1)], 1), model(IDS)
+
+    fast = run()
+    monkeypatch.setattr(qscan, "use_cpu_kernels", False)
+    monkeypatch.setattr(intmm, "use_cpu_kernels", False)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
