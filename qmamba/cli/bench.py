@@ -1,14 +1,15 @@
 """`qmamba bench [MODEL] [--quant CONFIG] [--batch 1,16] [--prompt-len 512] [--gen-len 128]
 [--device cpu|cuda] [--json OUT]`: the float model (fp32 and bf16 on CPU, fp16 on CUDA) and the
 quantized one side by side: prefill latency (time to first token), decode time per token,
-tokens/s, peak memory (process RSS on CPU, allocator peak on CUDA), weight and state bytes,
+tokens/s, peak memory (process RSS on CPU, with the part above the bare runtime of Python and
+torch; allocator peak on CUDA), weight and state bytes,
 bytes read per decoded token and the bandwidth that implies vs the measured copy bandwidth.
 
 Each variant runs in a fresh process (peak memory is per process), with a warm-up, then
 --reps repetitions; medians are reported. MODEL is a reference model or folder, or the shape
 of a real checkpoint (mamba-130m, mamba2-130m, mamba2-370m, ...) with random weights. The
-quantized model keeps an int8 embedding/lm_head; "quant" runs its linears through dequantized
-weights, "quant-int" through int8 x int8 -> int32 products.
+quantized model keeps an int8 embedding/lm_head; "quant" runs as integers (int8 x int8 -> int32
+products, int8 weight reads in the head), "quant-sim" through dequantized float weights.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="reference model, folder, or checkpoint shape such as mamba2-130m (default ref-mamba2)")
     p.add_argument("--quant", default="w8a8h4", metavar="CONFIG", help="quantized variant's config (default w8a8h4)")
     p.add_argument("--method", default="qmamba", help="method whose modules the quantized variant has (default qmamba)")
-    p.add_argument("--variants", default="", help="comma-separated subset of fp32,bf16,fp16,quant,quant-int")
+    p.add_argument("--variants", default="", help="comma-separated subset of fp32,bf16,fp16,quant,quant-sim")
     p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=128)
@@ -66,8 +67,8 @@ def _check(args) -> tuple[list[int], list[str]]:
     QuantConfig.parse(args.quant)
     cuda = args.device.startswith("cuda")
     variants = [v for v in args.variants.split(",") if v] or (
-        ["fp16", "quant", "quant-int"] if cuda else ["fp32", "bf16", "quant", "quant-int"])
-    bad = [v for v in variants if v not in ("fp32", "bf16", "fp16", "quant", "quant-int")]
+        ["fp16", "quant"] if cuda else ["fp32", "bf16", "quant"])
+    bad = [v for v in variants if v not in ("fp32", "bf16", "fp16", "quant", "quant-sim")]
     if bad:
         raise QMambaError(f"unknown variant(s) {', '.join(bad)}")
     return batches, variants
@@ -79,6 +80,8 @@ def _child(kwargs: dict) -> dict:
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if r.returncode < 0:
+            last = f"killed by signal {-r.returncode}" + (" (out of memory?)" if r.returncode == -9 else "")
         raise QMambaError(f"benchmark of {kwargs['variant']} failed: {last}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -94,25 +97,38 @@ def run(args) -> int:
     bw = copy_bandwidth(args.device)
     print(f"{args.model}: prompt {args.prompt_len}, generate {args.gen_len}, {args.threads} threads on "
           f"{args.device}; measured copy bandwidth {bw:.1f} GB/s")
-    rows = []
+    rows, failed = [], []
     for b in batches:
         for v in variants:
             print(f"  batch {b} {v}...", flush=True)
-            rows.append(_child(dict(model_name=args.model, variant=v, quant=args.quant, method=args.method,
-                                    batch=b, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                    reps=args.reps, device_name=args.device, threads=args.threads)))
-    head = ("| batch | variant | prefill (s) | decode (ms/token) | tokens/s | x fp32 | peak mem (MiB) | vs fp32 "
-            "| weights (MiB) | state (MiB) | state share | MB read/step | GB/s | % of copy bw |")
+            try:
+                rows.append(_child(dict(model_name=args.model, variant=v, quant=args.quant, method=args.method,
+                                        batch=b, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                        reps=args.reps, device_name=args.device, threads=args.threads)))
+            except QMambaError as e:         # keep the other variants' rows; exit 1 at the end
+                print(f"qmamba bench: {e}", file=sys.stderr)
+                failed.append(f"batch {b} {v}")
+    head = ("| batch | variant | prefill (s) | decode (ms/token) | tokens/s | x fp32 | x bf16 | peak mem (MiB) "
+            "| vs fp32 | above runtime (MiB) | vs fp32 | weights (MiB) | state (MiB) | state share | MB read/step "
+            "| GB/s | % of copy bw |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    nan = float("nan")
     for b in batches:
-        base = next((r for r in rows if r["batch"] == b and r["variant"] in ("fp32", "fp16")), None)
-        for r in (r for r in rows if r["batch"] == b):
-            speed = r["tokens_per_second"] / base["tokens_per_second"] if base else float("nan")
-            mem = r["peak_memory_bytes"] / base["peak_memory_bytes"] if base else float("nan")
-            r["speedup_vs_base"], r["peak_memory_vs_base"] = speed, mem
+        here = [r for r in rows if r["batch"] == b]
+        base = next((r for r in here if r["variant"] in ("fp32", "fp16")), None)
+        bf16 = next((r for r in here if r["variant"] == "bf16"), None)
+        for r in here:
+            above = r["peak_memory_bytes"] - r.get("runtime_rss_bytes", 0)
+            r["speedup_vs_base"] = r["tokens_per_second"] / base["tokens_per_second"] if base else nan
+            r["speedup_vs_bf16"] = r["tokens_per_second"] / bf16["tokens_per_second"] if bf16 else nan
+            r["peak_memory_vs_base"] = r["peak_memory_bytes"] / base["peak_memory_bytes"] if base else nan
+            r["peak_above_runtime_vs_base"] = (
+                above / (base["peak_memory_bytes"] - base.get("runtime_rss_bytes", 0)) if base else nan)
             lines.append(
                 f"| {b} | {r['variant']} | {r['prefill_seconds']:.3f} | {r['decode_seconds_per_token'] * 1e3:.2f} | "
-                f"{r['tokens_per_second']:.1f} | {speed:.2f} | {_mib(r['peak_memory_bytes'])} | {mem * 100:.0f}% | "
+                f"{r['tokens_per_second']:.1f} | {r['speedup_vs_base']:.2f} | {r['speedup_vs_bf16']:.2f} | "
+                f"{_mib(r['peak_memory_bytes'])} | {r['peak_memory_vs_base'] * 100:.0f}% | {_mib(above)} | "
+                f"{r['peak_above_runtime_vs_base'] * 100:.0f}% | "
                 f"{_mib(r['weight_bytes'])} | {_mib(r['state_bytes'])} | {r['state_share'] * 100:.1f}% | "
                 f"{r['bytes_read_per_step'] / 1e6:.1f} | {r['bandwidth_gb_s']:.2f} | "
                 f"{r['bandwidth_gb_s'] / bw * 100:.0f}% |")
@@ -126,5 +142,5 @@ def run(args) -> int:
         atomic_write_json(args.json, {"model": args.model, "quant": args.quant, "copy_bandwidth_gb_s": bw,
                                       "machine": platform.processor() or platform.machine(),
                                       "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
-                                      "results": rows, "markdown": table})
-    return 0
+                                      "results": rows, "failed": failed, "markdown": table})
+    return 1 if failed else 0

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", metavar="CONFIG",
                    help="WxAyHz config; repeat for several (default w8a8h4)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated rows among {', '.join(ROWS)} (default: all)")
+                   help=f"comma-separated rows among {', '.join(ROWS)} (default: {DEFAULT_METHODS})")
     p.add_argument("--ppl", type=Path, metavar="FILE", help="test text (default: the shipped test text)")
     p.add_argument("--seqlen", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--max-tokens", type=int, default=32768, metavar="N",

@@ -2,8 +2,9 @@
 RSS is that variant's): prefill latency (time to first token), decode time per token, tokens/s,
 peak memory, weight and state bytes, bytes read per decoded token and the bandwidth that implies.
 
-Variants: "fp32", "bf16", "fp16" (float models) and "quant" / "quant-int" (the quantized model
-through dequantized float weights, or through integer products, `qmamba.quant.intmm`). A model is
+Variants: "fp32", "bf16", "fp16" (float models), "quant" (the quantized model as it runs: int8
+products and int8 weight reads, `qmamba.quant.intmm`) and "quant-sim" (the same model through
+dequantized float weights, the path evaluations use; slower, for reference). A model is
 a reference name or folder, or the shape of a real checkpoint (`qmamba.models.shapes`) with random
 weights; a quantized variant of a shape is built on the meta device and filled with random codes,
 so no float copy of the weights is ever allocated.
@@ -37,6 +38,17 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rss() -> int:
+    """Current resident memory of this process."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -50,17 +62,19 @@ def _randomize(model, seed: int = 0):
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             continue
-        if not t.is_floating_point():
-            t.copy_(torch.randint(-7 if t.dtype == torch.uint8 else -127, 8 if t.dtype == torch.uint8 else 128,
-                                  t.shape, generator=g).to(t.dtype))
+        # in place: a temporary as large as the embedding would show in the peak memory
+        if t.dtype == torch.uint8:                        # packed 4-bit codes: any byte
+            t.random_(0, 256, generator=g)
+        elif not t.is_floating_point():
+            t.random_(-127, 128, generator=g)
         elif name.endswith(("scale", "s_n", "static_scale")):
-            t.copy_(torch.full(t.shape, 0.02))
+            t.fill_(0.02)
         elif name.endswith("A_log"):
-            t.copy_(torch.rand(t.shape, generator=g) * 2)
+            t.uniform_(0, 2, generator=g)
         elif name.endswith(("D", "norm.weight", "norm_f.weight")):
             t.fill_(1.0)
         else:
-            t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+            t.normal_(0, 0.02, generator=g)
 
 
 def build(model_name: str, variant: str, quant: str, method: str, device: torch.device):
@@ -78,6 +92,8 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
             model = MambaLM(cfg)
             if quantized:
                 quantize_structure(model, resolve_config(quant, method, quantize_head=True), method)
+            else:
+                model = model.to(dtype)        # allocated in its dtype: no float32 copy first
         model = model.to_empty(device="cpu")
         if model.config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
             model.lm_head.weight = model.backbone.embeddings.weight
@@ -95,18 +111,20 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
         from ..quant.intmm import set_execution
 
         cast_float_weights(model, torch.float32)
-        set_execution(model, "int" if variant == "quant-int" else "sim")
+        set_execution(model, "sim" if variant == "quant-sim" else "int")
     else:
         model = model.to(dtype)
     return model.to(device).eval(), source
 
 
+@torch.no_grad()
 def run_variant(model_name: str, variant: str, quant: str, method: str, batch: int, prompt_len: int,
                 gen_len: int, reps: int, device_name: str, threads: int) -> dict:
     from .memory import weight_bytes
 
     torch.set_num_threads(threads)
     device = torch.device(device_name)
+    runtime_rss = _rss()            # the interpreter, torch and qmamba before any model exists
     t = time.time()
     model, source = build(model_name, variant, quant, method, device)
     build_s = time.time() - t
@@ -119,7 +137,7 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
         cache = model.allocate_cache(batch)
         _sync(device)
         t = time.perf_counter()
-        logits = model(prompt, cache)[:, -1]
+        logits = model(prompt, cache, logits_to_keep=1)[:, -1]
         _sync(device)
         t_prefill = time.perf_counter() - t
         tok = logits.argmax(-1)
@@ -146,6 +164,7 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
         "model": model_name, "source": source, "variant": variant, "batch": batch,
         "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps, "device": device_name,
         "threads": threads, "build_seconds": round(build_s, 2),
+        "int_backend": _int_backend(device_name) if variant == "quant" else None,
         "prefill_seconds": statistics.median(prefill), "decode_seconds_per_token": per_tok,
         "tokens_per_second": batch / per_tok, "weight_bytes": w, "state_bytes": state,
         "state_share": state / (w + state), "bytes_read_per_step": read,
@@ -155,7 +174,14 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:
         out["peak_memory_bytes"] = _peak_rss()
+        out["runtime_rss_bytes"] = runtime_rss
     return out
+
+
+def _int_backend(device_name: str) -> str:
+    from ..quant.intmm import backend
+
+    return backend(device_name)
 
 
 def copy_bandwidth(device_name: str = "cpu", mib: int = 512, reps: int = 5) -> float:

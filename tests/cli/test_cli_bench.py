@@ -12,18 +12,19 @@ from qmamba.cli import main
 def test_bench_tiny_run(tiny_mamba2, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", str(tiny_mamba2[1]), "--batch", "1", "--prompt-len", "8", "--gen-len", "3", "--reps", "1",
-               "--threads", "1", "--variants", "fp32,quant,quant-int", "--json", str(out)])
+               "--threads", "1", "--variants", "fp32,quant,quant-sim", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["results"]}
-    assert set(rows) == {"fp32", "quant", "quant-int"}
+    assert set(rows) == {"fp32", "quant", "quant-sim"}
     for r in rows.values():
         assert r["decode_seconds_per_token"] > 0 and r["prefill_seconds"] > 0
         assert r["peak_memory_bytes"] > 0 and r["weight_bytes"] > 0 and r["state_bytes"] > 0
     assert rows["quant"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
     assert rows["quant"]["state_bytes"] < rows["fp32"]["state_bytes"]
+    assert rows["quant"]["int_backend"] and rows["quant-sim"]["int_backend"] is None
     assert data["copy_bandwidth_gb_s"] > 0
-    assert "| 1 | quant-int |" in capsys.readouterr().out
+    assert "| 1 | quant-sim |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
