@@ -100,7 +100,9 @@ def main(argv=None):
     print(scope)
     atomic_write_json(args.json, {"model": args.model, "scope": scope, "results": results, "markdown": table,
                                   "command": "python benchmarks/quality_table.py " + " ".join(argv or sys.argv[1:]),
-                                  "seconds": round(time.time() - t0, 1)})
+                                  "seconds_this_run": round(time.time() - t0, 1),
+                                  "seconds_all_rows": round(sum(r.get("quant_seconds", 0) + r.get("ppl_seconds", 0)
+                                                                + r.get("task_seconds", 0) for r in results), 1)})
 
 
 if __name__ == "__main__":
