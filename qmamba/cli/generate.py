@@ -1,7 +1,9 @@
 """`qmamba generate [MODEL] --prompt TEXT`: print the prompt and its continuation.
 
 Greedy by default; --temperature T (> 0) samples, optionally from the --top-k logits, with
---seed for a reproducible draw.
+--seed for a reproducible draw. A quantized model runs as integers (`--exec int`, the default:
+int8 products and the packed state, as `qmamba bench` times it) or through dequantized weights
+(`--exec sim`, the path evaluations use; the two differ by float rounding only).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="sample from softmax(logits / T); 0 is greedy")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, help="seed of the sampling")
+    p.add_argument("--exec", choices=("int", "sim"), default="int", dest="exec_mode",
+                   help="a quantized model's linears: integer products (default) or dequantized weights")
     add_quant_args(p)
     p.set_defaults(func=run)
     return p
@@ -43,6 +47,9 @@ def run(args) -> int:
     ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise QMambaError("the prompt encodes to no tokens")
+    from ..quant.intmm import set_execution
+
+    set_execution(loaded.model, args.exec_mode)
     out = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                    eos_token_id=tok.eos_token_id)

@@ -95,6 +95,8 @@ def test_eval_and_generate_the_quantized_folder(quantized_dir, tiny_mamba2, cali
     first = capsys.readouterr().out
     assert first.startswith("Sir Walter Elliot") and len(first.strip()) > len("Sir Walter Elliot")
     assert main(argv) == 0 and capsys.readouterr().out == first          # greedy: reproducible
+    assert main(argv + ["--exec", "sim"]) == 0                            # dequantized weights
+    assert capsys.readouterr().out.startswith("Sir Walter Elliot")
 
 
 def test_eval_quantizes_in_memory_with_dsq(tiny_mamba2, calib_file, tmp_path):
