@@ -26,27 +26,27 @@ from ..models.shapes import SHAPES
 FLOAT_VARIANTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None where there is none."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss() -> int:
     """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's, which
     Linux carries over a fork + exec)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss() -> int:
-    """Current resident memory of this process."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """Current resident memory of this process (0 where /proc is absent)."""
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def _sync(device):
@@ -120,6 +120,7 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
 @torch.no_grad()
 def run_variant(model_name: str, variant: str, quant: str, method: str, batch: int, prompt_len: int,
                 gen_len: int, reps: int, device_name: str, threads: int) -> dict:
+    from ..quant.intmm import backend as int_backend
     from .memory import weight_bytes
 
     torch.set_num_threads(threads)
@@ -164,7 +165,7 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
         "model": model_name, "source": source, "variant": variant, "batch": batch,
         "prompt_len": prompt_len, "gen_len": gen_len, "reps": reps, "device": device_name,
         "threads": threads, "build_seconds": round(build_s, 2),
-        "int_backend": _int_backend(device_name) if variant == "quant" else None,
+        "int_backend": int_backend(device_name) if variant == "quant" else None,
         "prefill_seconds": statistics.median(prefill), "decode_seconds_per_token": per_tok,
         "tokens_per_second": batch / per_tok, "weight_bytes": w, "state_bytes": state,
         "state_share": state / (w + state), "bytes_read_per_step": read,
@@ -176,12 +177,6 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
         out["peak_memory_bytes"] = _peak_rss()
         out["runtime_rss_bytes"] = runtime_rss
     return out
-
-
-def _int_backend(device_name: str) -> str:
-    from ..quant.intmm import backend
-
-    return backend(device_name)
 
 
 def copy_bandwidth(device_name: str = "cpu", mib: int = 512, reps: int = 5) -> float:

@@ -97,34 +97,32 @@ def i8_linear(q_x: Tensor, s_x: Tensor, codes: Tensor, w_scale: Tensor, group_si
               bias: Optional[Tensor]) -> Tensor:
     """(M, K) int8 activations with (M,) float32 scales x (N, K) int8 weights with (N, G) float32
     scales (G groups of `group_size` columns; G = 1 per channel) -> (M, N) float32."""
-    assert available(), _error
     m, k = q_x.shape
-    n = codes.shape[0]
-    gs = group_size or k
-    q_x, codes = q_x.contiguous(), codes.contiguous()
-    s_x = s_x.float().expand(m).contiguous()
-    w_scale = w_scale.float().reshape(n, k // gs).contiguous()
-    bias = None if bias is None else bias.float().contiguous()
-    out = torch.empty(m, n, dtype=torch.float32)
-    _lib.i8_linear(m, n, k, _ptr(q_x), _ptr(s_x), _ptr(codes), _ptr(w_scale), gs, _ptr(bias), _ptr(out),
+    codes, w_scale, gs, bias, out = _int8_weights(m, k, codes, w_scale, group_size, bias)
+    q_x, s_x = q_x.contiguous(), s_x.float().expand(m).contiguous()
+    _lib.i8_linear(m, out.shape[1], k, _ptr(q_x), _ptr(s_x), _ptr(codes), _ptr(w_scale), gs, _ptr(bias), _ptr(out),
                    torch.get_num_threads())
     return out
+
+
+def _int8_weights(m: int, k: int, codes: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor]):
+    """The weight-side arguments of the int8 GEMMs in the kernel's layout, and the (M, N) output."""
+    assert available(), _error
+    n = codes.shape[0]
+    gs = group_size or k
+    bias = None if bias is None else bias.float().contiguous()
+    return (codes.contiguous(), w_scale.float().reshape(n, k // gs).contiguous(), gs, bias,
+            torch.empty(m, n, dtype=torch.float32))
 
 
 def i8_linear_quantizing(x: Tensor, static_scale: Optional[float], codes: Tensor, w_scale: Tensor,
                          group_size: int, bias: Optional[Tensor]) -> Tensor:
     """`i8_linear` of float activations (M, K) that the kernel quantizes to int8 itself: with
     the per-tensor `static_scale`, or per row (dynamic) when it is None."""
-    assert available(), _error
     m, k = x.shape
-    n = codes.shape[0]
-    gs = group_size or k
-    x, codes = x.float().contiguous(), codes.contiguous()
-    w_scale = w_scale.float().reshape(n, k // gs).contiguous()
-    bias = None if bias is None else bias.float().contiguous()
-    out = torch.empty(m, n, dtype=torch.float32)
-    s_x = torch.empty(m, dtype=torch.float32)
-    _lib.i8_linear_f32(m, n, k, _ptr(x), 0.0 if static_scale is None else float(static_scale),
+    codes, w_scale, gs, bias, out = _int8_weights(m, k, codes, w_scale, group_size, bias)
+    x, s_x = x.float().contiguous(), torch.empty(m, dtype=torch.float32)
+    _lib.i8_linear_f32(m, out.shape[1], k, _ptr(x), 0.0 if static_scale is None else float(static_scale),
                        int(static_scale is None), _ptr(codes), _ptr(w_scale), gs, _ptr(bias), _ptr(out), _ptr(s_x),
                        torch.get_num_threads())
     return out

@@ -598,64 +598,62 @@ def test_never_observed_state_raises():
 
 
 # ------------------------------------------------------------------------------- the compiled fused scan
-def test_compiled_fused_scan_matches_reference(monkeypatch):
-    """DSQ dynamic H8, batch 2: the compiled step must give the reference recurrence."""
+@pytest.fixture
+def compiled_qscan(monkeypatch):
+    """qscan's torch.compile'd steps, from an empty cache, with the C kernels out of the way."""
     import torch._dynamo
 
     monkeypatch.setenv("QMAMBA_COMPILE", "1")
     monkeypatch.setattr(qscan, "_COMPILED", {})
+    monkeypatch.setattr(qscan, "use_cpu_kernels", False)
     torch._dynamo.reset()
-    try:
-        g = torch.Generator().manual_seed(0)
-        b, length, d, n = 2, 6, 8, 16
-        x, dt = torch.randn(b, length, d, generator=g), torch.rand(b, length, d, generator=g)
-        A = -4 * torch.rand(d, n, generator=g)
-        B, C = torch.randn(b, length, 1, n, generator=g), torch.randn(b, length, 1, n, generator=g)
-        q = StateQuantizer("dsq", 8, d, n, scale_mode="dynamic")
-        with torch.no_grad():
-            y_ref, h_ref = selective_scan_ref(x, dt, A, B, C, None, None, q)
-            y, h = qscan.quantized_scan(x, dt, A, B, C, None, q)
-        if not qscan.compile_enabled():                               # qscan fell back to eager
-            pytest.skip("torch.compile does not work on this machine")
-        assert rel(h, h_ref) <= RTOL and rel(y, y_ref) <= RTOL
-    finally:
-        torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_fused_scan_matches_reference(compiled_qscan):
+    """DSQ dynamic H8, batch 2: the compiled step must give the reference recurrence."""
+    g = torch.Generator().manual_seed(0)
+    b, length, d, n = 2, 6, 8, 16
+    x, dt = torch.randn(b, length, d, generator=g), torch.rand(b, length, d, generator=g)
+    A = -4 * torch.rand(d, n, generator=g)
+    B, C = torch.randn(b, length, 1, n, generator=g), torch.randn(b, length, 1, n, generator=g)
+    q = StateQuantizer("dsq", 8, d, n, scale_mode="dynamic")
+    with torch.no_grad():
+        y_ref, h_ref = selective_scan_ref(x, dt, A, B, C, None, None, q)
+        y, h = qscan.quantized_scan(x, dt, A, B, C, None, q)
+    if not qscan.compile_enabled():                               # qscan fell back to eager
+        pytest.skip("torch.compile does not work on this machine")
+    assert rel(h, h_ref) <= RTOL and rel(y, y_ref) <= RTOL
 
 
 @pytest.mark.parametrize("kind, mode, bits, rounding", [("dsq", "dynamic", 4, "nearest"),
                                                         ("head", "static", 8, "stochastic")])
-def test_compiled_cache_step_matches_eager_read_write(kind, mode, bits, rounding, monkeypatch, caplog):
+def test_compiled_cache_step_matches_eager_read_write(kind, mode, bits, rounding, compiled_qscan, caplog):
     """Decoding's fused step on the packed cache, compiled, against read -> update -> write ->
     read-out through the cache's eager methods, over several tokens."""
-    import torch._dynamo
-
-    monkeypatch.setenv("QMAMBA_COMPILE", "1")
-    monkeypatch.setattr(qscan, "_COMPILED", {})
-    torch._dynamo.reset()
-    try:
-        g = torch.Generator().manual_seed(1)
-        b, d, n, steps = 2, 8, 16, 4
-        q = StateQuantizer(kind, bits, d, n, headdim=4, scale_mode=mode, rounding=rounding)
-        q.mode = "observe"
-        q.observe(torch.randn(4, d, n, generator=g) * 3)
-        q.finish_calibration()
-        A = -4 * torch.rand(d, n, generator=g)
-        fused, ref = q.allocate(b), q.allocate(b)
-        ref_q = copy.deepcopy(q)                         # its own noise stream
-        ref.quantizer = ref_q
-        for _ in range(steps):
-            x, dt = torch.randn(b, d, generator=g), torch.rand(b, d, generator=g)
-            B, C = torch.randn(b, 1, n, generator=g), torch.randn(b, 1, n, generator=g)
-            with torch.no_grad():
-                y = fused.step(x, dt, A, B, C)
-                h = ref.write(torch.exp(dt.unsqueeze(-1) * A) * ref.read() + (dt * x).unsqueeze(-1) * B)
-                y_ref = (h * C).sum(-1)
-            if not qscan.compile_enabled():
-                pytest.skip("torch.compile does not work on this machine")
-            assert fused.codes.dtype == ref.codes.dtype and fused.codes.shape == ref.codes.shape
-            assert (fused.codes != ref.codes).float().mean() <= 0.01      # rare .5 ties may flip
-            assert rel(y, y_ref) <= 1e-3
-            torch.testing.assert_close(fused.scales, ref.scales, rtol=1e-3, atol=0)
-        assert "disagrees" not in caplog.text                # the compiled step was kept
-    finally:
-        torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    b, d, n, steps = 2, 8, 16, 4
+    q = StateQuantizer(kind, bits, d, n, headdim=4, scale_mode=mode, rounding=rounding)
+    q.mode = "observe"
+    q.observe(torch.randn(4, d, n, generator=g) * 3)
+    q.finish_calibration()
+    A = -4 * torch.rand(d, n, generator=g)
+    fused, ref = q.allocate(b), q.allocate(b)
+    ref_q = copy.deepcopy(q)                         # its own noise stream
+    ref.quantizer = ref_q
+    for _ in range(steps):
+        x, dt = torch.randn(b, d, generator=g), torch.rand(b, d, generator=g)
+        B, C = torch.randn(b, 1, n, generator=g), torch.randn(b, 1, n, generator=g)
+        with torch.no_grad():
+            y = fused.step(x, dt, A, B, C)
+            h = ref.write(torch.exp(dt.unsqueeze(-1) * A) * ref.read() + (dt * x).unsqueeze(-1) * B)
+            y_ref = (h * C).sum(-1)
+        if not qscan.compile_enabled():
+            pytest.skip("torch.compile does not work on this machine")
+        assert fused.codes.dtype == ref.codes.dtype and fused.codes.shape == ref.codes.shape
+        assert (fused.codes != ref.codes).float().mean() <= 0.01      # rare .5 ties may flip
+        assert rel(y, y_ref) <= 1e-3
+        torch.testing.assert_close(fused.scales, ref.scales, rtol=1e-3, atol=0)
+    assert "disagrees" not in caplog.text                # the compiled step was kept
+    assert any(key[0] == "cache" for key in qscan._COMPILED)
