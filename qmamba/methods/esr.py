@@ -10,8 +10,11 @@ For block i (blocks are the residual layers, i = 0..L-1):
      state scales, and optionally the dt bias;
   3. freeze: round the weights with the learned clipping, X_q_{i+1} = block_q(X_q_i) under the
      EXACT per-token recurrence (never the simulation), X_fp_{i+1} = Y_i.
-The loss of each block before and after is measured with the exact recurrence. With `resume_dir`
-every finished block is saved (its tensors and the next inputs), so an interrupted run resumes.
+The loss of each block before and after is measured with the exact recurrence, on the outputs
+that become the next inputs (the fake-quantized weights of training are the rounded weights of
+the frozen block, value for value): outside training a block runs three times (FP target,
+before, after). With `resume_dir` every finished block is saved (its tensors and the next
+inputs), so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -61,13 +64,6 @@ class ESRConfig:
         for k in ("epochs", "batch_size", "nsamples", "seqlen"):
             if getattr(self, k) <= 0:
                 raise QMambaError(f"ESR {k} must be positive")
-
-
-def _mse(block, X: Tensor, Y: Tensor, bs: int) -> float:
-    with torch.no_grad():
-        tot = sum(F.mse_loss(block(X[i:i + bs]).float(), Y[i:i + bs], reduction="sum").item()
-                  for i in range(0, len(X), bs))
-    return tot / Y.numel()
 
 
 def _run(block, X: Tensor, bs: int) -> Tensor:
@@ -150,7 +146,8 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
         Y = _run(fp_block, X_fp, cfg.batch_size)                            # FP target
         del fp_block
         groups = _learnable(block, qcfg, cfg, arch)
-        before = _mse(block, X_q, Y, cfg.batch_size)
+        out = _run(block, X_q, cfg.batch_size)                              # calibrated, exact
+        before = F.mse_loss(out, Y).item()
         start_values = [p.detach().clone() for gr in groups for p in gr["params"]]
         if groups:
             mixer = block.mixer
@@ -166,15 +163,21 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
                     opt.step()
             block.eval()
             mixer.state_sim = None
-        after = _mse(block, X_q, Y, cfg.batch_size) if groups else before
-        kept = after <= before
-        if not kept:                      # reconstruction made this block worse: undo it
-            with torch.no_grad():
-                for p, v in zip((p for gr in groups for p in gr["params"]), start_values):
-                    p.copy_(v)
-            after = before
-        _freeze(block)
-        X_q, X_fp = _run(block, X_q, cfg.batch_size), Y
+        after, kept = before, True
+        if groups:
+            out_after = _run(block, X_q, cfg.batch_size)                    # reconstructed, exact
+            after = F.mse_loss(out_after, Y).item()
+            kept = after <= before
+            if kept:
+                out = out_after
+            else:                         # reconstruction made this block worse: undo it
+                with torch.no_grad():
+                    for p, v in zip((p for gr in groups for p in gr["params"]), start_values):
+                        p.copy_(v)
+                after = before
+            del out_after
+        _freeze(block)                    # rounds the weights to what training simulated
+        X_q, X_fp = out, Y                # the block's exact outputs are the next block's inputs
         block.to(device)
         rec = {"block": i, "mse_before": before, "mse_after": after, "kept": kept,
                "seconds": round(time.time() - t0, 2)}

@@ -97,6 +97,39 @@ class MixerBase(nn.Module):
             ys.append(y)
         return torch.cat(ys, dim=1), h
 
+    def carried_scan(self, x, dt, B, C, h0: Optional[Tensor], every: int, on_state) -> tuple[Tensor, Tensor]:
+        """`segmented_scan`'s numbers in two parallel passes over all c segments at once (ESR's
+        "chunk" simulation; the segment loop is sequential and its scans are too short to be
+        efficient):
+          1. every segment from a zero state: its own share hz_i (b, d, n) of its final state;
+          2. the carried states, in a loop over c segments: H_{i+1} = on_state(a_i H_i + hz_i),
+             a_i = exp(A sum_{t in i} dt_t) (b, d, n|1) the segment's total decay, H_0 = h0;
+          3. every segment again from its entering state H_i: the read-outs y (b, l, d).
+        Padding to c * every tokens has dt = 0 (no decay, no input). Returns y, H_c."""
+        b, length = x.shape[:2]
+        c = -(-length // every)
+        if c == 1:
+            y, h = self.parallel_scan(x, dt, B, C, h0)
+            return y, on_state(h)
+        pad = c * every - length
+        if pad:
+            x, dt, B, C = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+
+        def fold(t: Tensor) -> Tensor:                                      # (b, c s, ...) -> (b c, s, ...)
+            return t.reshape(b * c, every, *t.shape[2:])
+
+        _, hz = self.parallel_scan(fold(x), fold(dt), fold(B), fold(C), None)   # (b c, d, n)
+        hz = hz.unflatten(0, (b, c))                                        # (b, c, d, n)
+        _, dt_c, A, _, _, _ = self.per_channel(x, dt, B, C)                 # dt_c (b, c s, d)
+        decay = torch.exp(dt_c.float().unflatten(1, (c, every)).sum(2).unsqueeze(-1) * A)  # (b, c, d, n|1)
+        h = torch.zeros_like(hz[:, 0]) if h0 is None else h0.float()
+        entering = []
+        for i in range(c):
+            entering.append(h)
+            h = on_state(decay[:, i] * h + hz[:, i])
+        y, _ = self.parallel_scan(fold(x), fold(dt), fold(B), fold(C), torch.stack(entering, 1).flatten(0, 1))
+        return y.unflatten(0, (b, c)).flatten(1, 2)[:, :length], h
+
     def ssm_state_shape(self) -> tuple[int, int]:
         raise NotImplementedError
 

@@ -71,9 +71,9 @@ class StateSim(nn.Module):
     def forward(self, mixer, x, dt, B, C, h0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         q = self._q[0]
         if self.kind == "chunk":
-            # the mixer's own parallel scan chunk by chunk, the carried state quantized:
-            # no (b, l, d, n) tensor is ever built
-            return mixer.segmented_scan(x, dt, B, C, h0, self.chunk, q.fake_quant)
+            # the mixer's own parallel scan over all chunks at once, the carried states quantized
+            # in a short loop over chunks: no (b, l, d, n) tensor is ever built
+            return mixer.carried_scan(x, dt, B, C, h0, self.chunk, q.fake_quant)
         x, dt, A, B, C, D = mixer.per_channel(x, dt, B, C)
         if self.kind == "exact":
             return selective_scan_ref(x, dt, A, B, C, D, h0, q.fake_quant)

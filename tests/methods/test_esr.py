@@ -64,6 +64,33 @@ def test_chunk_simulation_carries_the_exact_state_at_chunk_one(arch, scan_inputs
     assert rel_err(h_sim, h_exact) < 1e-3
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("every,trim,with_h0", [(1, 0, False), (5, 3, True), (8, 0, True), (8, 5, False)])
+def test_carried_scan_is_the_segment_loop(arch, every, trim, with_h0, scan_inputs):
+    """The chunk simulation's two-pass scan (all segments at once) against the plain loop of
+    segments (`segmented_scan`, the definition): outputs, carried state and gradients of the
+    inputs and of the state scales, with a ragged last segment and with an entering state."""
+    model, _ = calibrated(arch, state_scale="static")
+    mixer = model.backbone.layers[0].mixer
+    x = model.backbone.layers[0].norm(model.backbone.embeddings(IDS)).detach()
+    ((xs, dt, B, C),) = scan_inputs(mixer, lambda: mixer(x))
+    length = xs.shape[1] - trim
+    q = mixer.state_quant
+    q.static_scale.requires_grad_(True)
+    h0 = 0.5 * q.fake_quant(torch.randn(xs.shape[0], q.d, q.n, generator=torch.Generator().manual_seed(3))).detach() \
+        if with_h0 else None
+    results = []
+    for scan in (mixer.segmented_scan, mixer.carried_scan):
+        inputs = [t[:, :length].detach().clone().requires_grad_(True) for t in (xs, dt, B, C)]
+        q.static_scale.grad = None
+        y, h = scan(*inputs, h0, every, q.fake_quant)
+        (y.pow(2).sum() + h.pow(2).sum()).backward()
+        results.append((y, h, *(t.grad for t in inputs), q.static_scale.grad.clone()))
+    for ref, got in zip(*results):
+        assert ref.shape == got.shape
+        assert rel_err(got, ref) < 1e-4
+
+
 @pytest.mark.parametrize("sim", SIMS)
 def test_every_simulation_is_differentiable_in_the_state_scales(sim):
     model, _ = calibrated("mamba2", state_scale="static")
@@ -93,6 +120,23 @@ def test_reconstruction_never_makes_a_block_worse(arch, sim):
     assert kept, "ESR improved no block"
     for i in kept:                                     # a kept block's learned s_n moved
         assert not torch.equal(model.backbone.layers[i].mixer.state_quant.s_n, s_n0[i])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_propagated_inputs_are_the_frozen_models_exact_outputs(arch, tmp_path):
+    """The inputs ESR hands from block to block (saved for resuming) are what the finished,
+    integer-weight model computes with the exact recurrence, kept and undone blocks alike."""
+    model, qcfg = calibrated(arch, state_scale="static")
+    cfg = ESRConfig(sim="chunk", nsamples=8, seqlen=32, epochs=1, lr=2e-2, chunk=8)
+    records = reconstruct(model, qcfg, CALIB, cfg, resume_dir=tmp_path, progress=False)
+    last = len(records) - 1
+    saved = torch.load(tmp_path / f"block{last}.pt", weights_only=True)["X_q"]
+    with torch.no_grad():
+        hidden = model.backbone.embeddings(CALIB[:8, :32]).float()
+        for block in model.backbone.layers:
+            hidden = block(hidden).float()
+    assert all(m.w_bits == 8 for m in model.modules() if hasattr(m, "w_bits"))
+    assert rel_err(saved, hidden) < 1e-5
 
 
 def test_qmamba_improves_on_dsq_alone():
