@@ -38,6 +38,9 @@ ROWS = {
     # static DSQ with stochastic rounding of the state writes (seeded), without and with ESR
     "dsq-static-sr": ("dsq", {"state_scale": "static", "state_rounding": "stochastic"}),
     "qmamba-static-sr": ("qmamba", {"state_scale": "static", "state_rounding": "stochastic"}),
+    # finer dynamic state scales: one per channel and group of --state-group-size state indices
+    "dsq-group": ("dsq", {"state_quant": "group"}),
+    "qmamba-group": ("qmamba", {"state_quant": "group"}),
 }
 DEFAULT_METHODS = "fp,rtn,smoothquant,quamba,rtn-channel,dsq,qmamba"
 
@@ -60,6 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, metavar="FILE", help="calibration text (default: the validation text)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length (default 512)")
+    p.add_argument("--state-group-size", type=int, default=8, metavar="G",
+                   help="state indices per scale in the *-group rows (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch (default 16)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")
@@ -109,8 +114,8 @@ def run(args) -> int:
 
     names = _rows(args)
     configs = [QuantConfig.parse(c).name for c in args.config or ["w8a8h4"]]    # canonical: W8A8H4
-    if args.seqlen < 2 or args.nsamples < 1 or args.limit < 0 or args.max_tokens < 0:
-        raise QMambaError("--seqlen must be >= 2, --nsamples >= 1, --limit and --max-tokens >= 0")
+    if args.seqlen < 2 or args.nsamples < 1 or args.limit < 0 or args.max_tokens < 0 or args.state_group_size < 1:
+        raise QMambaError("--seqlen must be >= 2, --nsamples and --state-group-size >= 1, --limit and --max-tokens >= 0")
     if args.json is not None and args.json.is_dir():
         raise QMambaError(f"--json {args.json} is a folder")
     t0 = time.time()
@@ -131,6 +136,8 @@ def run(args) -> int:
         if method == "fp":
             rows.append(Row(method, "FP16", {}, label=name))
         else:
+            if opts.get("state_quant") == "group":
+                opts = {**opts, "state_group_size": args.state_group_size}
             rows.extend(Row(method, c, {**opts, "seed": args.seed}, label=name) for c in configs)
     results = []
     for row in rows:

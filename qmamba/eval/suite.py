@@ -94,6 +94,8 @@ def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup) -> dict:
         res["quant_seconds"] = round(model.quant_seconds, 1)
         q = model.quant_config
         res["state_quant"], res["state_scale"] = (q.state_quant, q.state_scale) if q.h_bits else (None, None)
+        if q.h_bits and q.state_quant == "group":
+            res["state_quant"] = f"group{q.state_group_size}"
         if hasattr(model, "esr_records"):
             res["esr"] = model.esr_records
     res.update(evaluate(model, tokenizer, setup))

@@ -10,16 +10,18 @@ which is non-linear in time and so has no parallel scan. Each simulation is diff
              but quantization errors do not propagate through time;
   "chunk"    (B) quantize only the states carried between chunks of `chunk` tokens: errors
              propagate from chunk to chunk, the scan inside a chunk stays float and parallel
-             (the mixer's own SSD / chunked scan, no per-token states are materialised);
+             (the mixer's own SSD / chunked scan over all chunks at once, see
+             `MixerBase.carried_scan`; no per-token states are materialised);
   "errscan"  (C) error propagation: Q(a h + u) = a h + u + e, so the quantized trajectory is the FP
              one plus a second LINEAR scan of the per-step errors e_t = Q(h_t) - h_t, estimated on
              the FP states h_t; both scans are parallel;
   "exact"    (D) the exact sequential recurrence with straight-through rounding (the reference;
              a Python loop over time under autograd, slow).
 
-ESR's default is "chunk": in the study (README, benchmarks/esr_study.py) it was 4x faster per
-block than "exact" on a 2-core CPU, with test perplexity after ESR within 0.3% of exact's, while
-"readout" and "errscan" materialise (b, l, d, n) states and were slower than exact on CPU.
+ESR's default is "chunk": in the study (README, benchmarks/esr_study.py, one CPU thread) it was
+4.6x faster per block than "exact" on ref-mamba2 and 2.8x on ref-mamba1 (whose 16-wide state
+makes the exact loop cheap), with test perplexity after ESR within 0.3% of exact's; "readout"
+and "errscan" materialise (b, l, d, n) states and are slower than "chunk" on CPU.
 
 Shapes use the glossary of `qmamba.models.scan` (per-channel forms: x, dt (b, l, d); A (d, n) or
 (d, 1); B, C (b, l, g, n); D (d,)).

@@ -49,10 +49,23 @@ def test_compare_rows_table_json_and_plot(tiny_mamba2, tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_group_rows_take_the_group_size(tiny_mamba2, tmp_path):
+    """The *-group rows quantize the state with one dynamic scale per channel and group of
+    --state-group-size state indices: labelled so, and their extra scales are counted."""
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(tiny_mamba2[1]), "--methods", "dsq,dsq-group", "--config", "w8a8h2",
+                 "--state-group-size", "4", *SMALL, "--json", str(out)]) == 0
+    dsq, group = json.loads(out.read_text())["results"]
+    assert (group["state_quant"], group["state_scale"]) == ("group4", "dynamic")
+    assert group["memory"]["total"] > dsq["memory"]["total"]
+    assert group["perplexity"] != dsq["perplexity"]
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--methods", "fp,gptq"], "unknown row(s) gptq"),
     (["--config", "w9a8"], "W9 is not supported"),
     (["--seqlen", "1"], "--seqlen must be >= 2"),
+    (["--state-group-size", "0"], "--state-group-size >= 1"),
 ])
 def test_bad_input(tiny_mamba2, capsys, extra, needle):
     assert main(["compare", str(tiny_mamba2[1]), *SMALL, *extra]) == 2
