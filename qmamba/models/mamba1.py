@@ -17,7 +17,7 @@ from .cache import LayerState
 from .config import ModelConfig
 from .layers import causal_conv1d, conv_tail, rms
 from .mixer import MixerBase, conv_step
-from .scan import selective_scan
+from .scan import chunk_end_states, selective_scan
 
 
 class Mamba1Mixer(MixerBase):
@@ -51,6 +51,10 @@ class Mamba1Mixer(MixerBase):
         """x, dt (b, l, d); B, C (b, l, n) -> y (b, l, d), h (b, d, n)."""
         A = -torch.exp(self.A_log.float())                                  # (d, n)
         return selective_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.D.float(), h0)
+
+    def end_states(self, x, dt, B, C):
+        """x, dt (b, l, d); B (b, l, n) -> h_l (b, d, n) from zero, without the read-out."""
+        return chunk_end_states(x, dt, -torch.exp(self.A_log.float()), B.unsqueeze(2))
 
     def per_channel(self, x, dt, B, C):
         return x, dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2), self.D.float()

@@ -101,7 +101,8 @@ class MixerBase(nn.Module):
         """`segmented_scan`'s numbers in two parallel passes over all c segments at once (ESR's
         "chunk" simulation; the segment loop is sequential and its scans are too short to be
         efficient):
-          1. every segment from a zero state: its own share hz_i (b, d, n) of its final state;
+          1. every segment from a zero state: its own share hz_i (b, d, n) of its final state
+             (`end_states`: no read-out);
           2. the carried states, in a loop over c segments: H_{i+1} = on_state(a_i H_i + hz_i),
              a_i = exp(A sum_{t in i} dt_t) (b, d, n|1) the segment's total decay, H_0 = h0;
           3. every segment again from its entering state H_i: the read-outs y (b, l, d).
@@ -118,7 +119,7 @@ class MixerBase(nn.Module):
         def fold(t: Tensor) -> Tensor:                                      # (b, c s, ...) -> (b c, s, ...)
             return t.reshape(b * c, every, *t.shape[2:])
 
-        _, hz = self.parallel_scan(fold(x), fold(dt), fold(B), fold(C), None)   # (b c, d, n)
+        hz = self.end_states(fold(x), fold(dt), fold(B), fold(C))          # (b c, d, n)
         hz = hz.unflatten(0, (b, c))                                        # (b, c, d, n)
         _, dt_c, A, _, _, _ = self.per_channel(x, dt, B, C)                 # dt_c (b, c s, d)
         decay = torch.exp(dt_c.float().unflatten(1, (c, every)).sum(2).unsqueeze(-1) * A)  # (b, c, d, n|1)
@@ -129,6 +130,10 @@ class MixerBase(nn.Module):
             h = on_state(decay[:, i] * h + hz[:, i])
         y, _ = self.parallel_scan(fold(x), fold(dt), fold(B), fold(C), torch.stack(entering, 1).flatten(0, 1))
         return y.unflatten(0, (b, c)).flatten(1, 2)[:, :length], h
+
+    def end_states(self, x, dt, B, C) -> Tensor:
+        """The state (b, d, n) after each sequence from a zero state (no read-out needed)."""
+        return self.parallel_scan(x, dt, B, C, None)[1]
 
     def ssm_state_shape(self) -> tuple[int, int]:
         raise NotImplementedError

@@ -445,6 +445,56 @@ def selective_scan(
     return _mamba1_scan(x.float(), dt, A, B[:, :, 0], C[:, :, 0], D, h0, k)
 
 
+class _Mamba1EndStates(torch.autograd.Function):
+    """h_k of every sequence from a zero state, and nothing else: the first pass of ESR's "chunk"
+    simulation (`MixerBase.carried_scan`), which needs each chunk's own share of the state at
+    its end but no read-out. Forward: the k updates; backward: the adjoint of h_k run back
+    through them. x, dt (b, k, d); A (d, n); B (b, k, n) -> h (b, d, n). Layout (b, n, d) inside."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B):
+        b, k, d = x.shape
+        AE = (A * _LOG2E).t().contiguous()                                  # (n, d)
+        dtx = dt * x                                                        # (b, k, d)
+        a, prev = [], []                                                    # a_j, h_{j-1}: (b, n, d)
+        h = x.new_zeros(b, A.shape[1], d)
+        for j in range(k):
+            a.append(torch.exp2(dt[:, j:j + 1] * AE))
+            prev.append(h)
+            h = torch.addcmul(a[j] * h, B[:, j, :, None], dtx[:, j:j + 1])
+        ctx.save_for_backward(x, dt, dtx, A, B, *a, *prev)
+        ctx.k = k
+        return h.transpose(1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        x, dt, dtx, A, B = ctx.saved_tensors[:5]
+        k = ctx.k
+        a, prev = ctx.saved_tensors[5:5 + k], ctx.saved_tensors[5 + k:]
+        AT = A.t().contiguous()                                             # (n, d)
+        G = gh.transpose(1, 2).contiguous()                                 # adjoint of h_j (b, n, d)
+        grad_x, grad_dt = torch.empty_like(x), torch.empty_like(x)
+        grad_B = torch.empty_like(B)
+        grad_A = torch.zeros_like(AT)
+        for j in range(k - 1, -1, -1):
+            s_u = torch.bmm(B[:, j:j + 1], G)                               # dL/d(dt_j x_j) (b, 1, d)
+            grad_B[:, j:j + 1] = torch.bmm(dtx[:, j:j + 1], G.transpose(1, 2))
+            P = G * a[j] * prev[j]                                          # dL/da_j a_j (b, n, d)
+            grad_A += (P * dt[:, j:j + 1]).sum(0)
+            grad_dt[:, j:j + 1] = (P * AT).sum(1, keepdim=True) + s_u * x[:, j:j + 1]
+            grad_x[:, j:j + 1] = s_u * dt[:, j:j + 1]
+            G = G * a[j]
+        return grad_x, grad_dt, grad_A.t(), grad_B
+
+
+def chunk_end_states(x: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """Mamba1: the state after each sequence from a zero state (the `h_l` of `selective_scan`
+    without its outputs). x, dt (b, k, d); A (d, n); B (b, k, g=1, n) -> (b, d, n) float32."""
+    x, dt, B = x.float().contiguous(), dt.float().contiguous(), B[:, :, 0].float().contiguous()
+    return _Mamba1EndStates.apply(x, dt, A.float(), B)
+
+
 # --------------------------------------------------------------------------------------------
 # Mamba2 parallel path: chunked SSD (state space duality), as ssd_minimal.py.
 # --------------------------------------------------------------------------------------------

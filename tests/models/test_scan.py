@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qmamba.models.scan import (
-    _mamba1_scan, linear_scan, linear_scan_ref, selective_chunk_len, selective_scan, selective_scan_ref,
+    _Mamba1EndStates, _mamba1_scan, chunk_end_states, linear_scan, linear_scan_ref, selective_chunk_len, selective_scan, selective_scan_ref,
     ssd_scan,
 )
 
@@ -160,6 +160,27 @@ def test_selective_scan_float64_against_float64_recurrence():
     hs = linear_scan_ref(torch.exp(dt[..., None] * A), (dt * x)[..., None] * B, h0)   # (b, l, d, n)
     assert_close(y, (hs * C).sum(-1) + D * x, 1e-12, "y")
     assert_close(h, hs[:, -1], 1e-12, "h")
+
+
+@pytest.mark.parametrize("length", (1, 7, 37))
+def test_chunk_end_states_match_the_reference_final_state(length):
+    """The end-state-only scan (ESR's first pass) against the final state of the sequential
+    recurrence from zero: value and the gradients of x, dt, A and B."""
+    inp = mamba1_inputs(3, length, 6, 4, with_h0=False, seed=length)
+    leaves = [inp[k] for k in ("x", "dt", "A", "B")]
+    h = chunk_end_states(*leaves)
+    h_ref = selective_scan_ref(*leaves, inp["C"], None)[1]
+    assert h.shape == h_ref.shape == (3, 6, 4)
+    assert_close(h, h_ref, name="h")
+    for name, got, want in zip(("x", "dt", "A", "B"), grads((h * probe(h)).sum(), leaves),
+                               grads((h_ref * probe(h_ref)).sum(), leaves)):
+        assert_close(got, want, name=name)
+
+
+def test_chunk_end_states_float64_gradcheck():
+    inp = mamba1_inputs(2, 6, 3, 4, with_h0=False, dtype=torch.float64, seed=17)
+    args = (inp["x"], inp["dt"], inp["A"], inp["B"][:, :, 0].detach().requires_grad_())
+    assert torch.autograd.gradcheck(_Mamba1EndStates.apply, args, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 def test_selective_chunk_len():
