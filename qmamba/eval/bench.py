@@ -63,7 +63,7 @@ def _randomize(model, seed: int = 0):
         if t.is_meta:
             continue
         # in place: a temporary as large as the embedding would show in the peak memory
-        if t.dtype == torch.uint8:                        # packed 4-bit codes: any byte
+        if t.dtype == torch.uint8:                        # packed 4- or 2-bit codes: any byte
             t.random_(0, 256, generator=g)
         elif not t.is_floating_point():
             t.random_(-127, 128, generator=g)

@@ -141,11 +141,12 @@ def f32i8_linear(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
 
 
 def dsq_scan(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-             s_n: Tensor, static_scale: Tensor, dynamic: bool, packed: bool, qmax: float) -> Tensor:
+             s_n: Tensor, static_scale: Tensor, dynamic: bool, per_byte: int, qmax: float) -> Tensor:
     """The quantized recurrence of a DSQ (or per-channel, s_n = 1) integer state over l tokens,
-    round to nearest, reading and then writing the codes in place: codes (b, d, n/2) uint8 packed
-    or (b, d, n) int8; scales (b, d, 1) float16 when dynamic; x, dt (b, l, d); A (d, 1) or
-    (d, n); B, C (b, l, g, n); s_n (n,); static_scale (d, 1). Returns y (b, l, d) float32 =
+    round to nearest, reading and then writing the codes in place: codes (b, d, ceil(n /
+    per_byte)) uint8 with two 4-bit or four 2-bit codes per byte, or (b, d, n) int8; scales
+    (b, d, 1) float16 when dynamic; x, dt (b, l, d); A (d, 1) or (d, n); B, C (b, l, g, n); s_n
+    (n,); static_scale (d, 1). Returns y (b, l, d) float32 =
     <stored h_t, C_t> (without D x_t)."""
     assert available(), _error
     assert codes.is_contiguous() and scales.is_contiguous()
@@ -154,6 +155,6 @@ def dsq_scan(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B:
     x, dt, A, B, C, s_n, static_scale = (t.float().contiguous() for t in (x, dt, A, B, C, s_n, static_scale))
     y = torch.empty(b, length, d, dtype=torch.float32)
     _lib.dsq_scan(b, length, d, n, g, A.shape[-1], _ptr(codes), _ptr(scales) if dynamic else None, _ptr(x),
-                  _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(s_n), _ptr(static_scale), int(dynamic), int(packed),
+                  _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(s_n), _ptr(static_scale), int(dynamic), int(per_byte),
                   float(qmax), _ptr(y), torch.get_num_threads())
     return y

@@ -111,7 +111,7 @@ def absmax(x: Tensor, dims) -> Tensor:
     return x.abs().amax(dim=dims, keepdim=True)
 
 
-# ------------------------------------------------------------------ 4-bit packing
+# ------------------------------------------------------------------ 4-bit and 2-bit packing
 
 def pack_int4(q: Tensor) -> Tensor:
     """Signed 4-bit codes (int8 in -8..7), last dim even -> uint8, two codes per byte
@@ -131,17 +131,42 @@ def unpack_int4(p: Tensor) -> Tensor:
     return torch.stack([lo, hi], dim=-1).flatten(-2)
 
 
-def pack(q: Tensor, bits: int) -> Tensor:
-    """Codes as stored: bits <= 4 two per byte (an odd last dim padded with one zero code),
-    else as they are (int8)."""
+def pack_int2(q: Tensor) -> Tensor:
+    """Signed 2-bit codes (int8 in -2..1), last dim a multiple of 4 -> uint8, four codes per
+    byte (element 4i + j in bits 2j..2j+1)."""
+    if q.shape[-1] % 4:
+        raise ValueError(f"pack_int2 needs a last dim divisible by 4, got {q.shape[-1]}")
+    u = (q.to(torch.int16) & 0x3).to(torch.uint8)
+    return u[..., 0::4] | (u[..., 1::4] << 2) | (u[..., 2::4] << 4) | (u[..., 3::4] << 6)
+
+
+def unpack_int2(p: Tensor) -> Tensor:
+    """Inverse of `pack_int2`: uint8 (..., m/4) -> int8 (..., m) in -2..1."""
+    parts = [((p >> (2 * j)) & 0x3).to(torch.int8) for j in range(4)]
+    return torch.stack([torch.where(v > 1, v - 4, v) for v in parts], dim=-1).flatten(-2)
+
+
+def codes_per_byte(bits: int, dense: bool = False) -> int:
+    """How many codes one stored byte holds: 1 above 4 bits, 2 for 3..4 bits and, for `dense`
+    storage (the state cache), 4 for 2 bits; weights keep two per byte at 2 bits."""
     if bits > 4:
+        return 1
+    return 4 if dense and bits <= 2 else 2
+
+
+def pack(q: Tensor, bits: int, per_byte: Optional[int] = None) -> Tensor:
+    """Codes as stored: `per_byte` (default `codes_per_byte(bits)`) codes per byte, the last dim
+    padded with zero codes to a multiple of it; one per byte means int8 as they are."""
+    per_byte = per_byte or codes_per_byte(bits)
+    if per_byte == 1:
         return q
-    if q.shape[-1] % 2:
-        q = torch.cat([q, q.new_zeros(q.shape[:-1] + (1,))], dim=-1)
-    return pack_int4(q)
+    if q.shape[-1] % per_byte:
+        q = torch.cat([q, q.new_zeros(q.shape[:-1] + (per_byte - q.shape[-1] % per_byte,))], dim=-1)
+    return pack_int4(q) if per_byte == 2 else pack_int2(q)
 
 
-def unpack(p: Tensor, bits: int, size: Optional[int] = None) -> Tensor:
-    """Inverse of `pack`; `size` drops the padding code of an odd last dim."""
-    q = unpack_int4(p) if bits <= 4 else p
+def unpack(p: Tensor, bits: int, size: Optional[int] = None, per_byte: Optional[int] = None) -> Tensor:
+    """Inverse of `pack`; `size` drops the padding codes."""
+    per_byte = per_byte or codes_per_byte(bits)
+    q = p if per_byte == 1 else (unpack_int4(p) if per_byte == 2 else unpack_int2(p))
     return q if size is None else q[..., :size]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..models.scan import _per_channel
 from . import cpu_kernels
-from .primitives import pack_int4, unpack_int4
+from .primitives import codes_per_byte, pack, unpack
 
 log = logging.getLogger("qmamba")
 _COMPILED: dict = {}
@@ -84,15 +84,17 @@ def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, sto
 
 
 def make_cache_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, stochastic: bool,
-                    packed: bool):
-    """The token step on a stored integer state: codes (b, d, n/2) uint8 when `packed` (two
-    4-bit codes per byte) else (b, d, n) int8, scales float16 in the quantizer's dynamic shape
-    (unused when static). Returns the new codes, the new scales and y (b, d) (without D x)."""
+                    per_byte: int):
+    """The token step on a stored integer state: codes (b, d, n / per_byte) uint8 (two 4-bit or
+    four 2-bit codes per byte) or (b, d, n) int8 (per_byte = 1), scales float16 in the
+    quantizer's dynamic shape (unused when static). Returns the new codes, the new scales and
+    y (b, d) (without D x)."""
 
     def step(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              s_n: Tensor, static: Tensor, u: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         b, d = x.shape
-        q = (unpack_int4(codes) if packed else codes).float()               # (b, d, n)
+        n = B.shape[-1]
+        q = unpack(codes, 8, n, per_byte).float()                           # (b, d, n)
         if kind == "head":
             q = q.unflatten(1, (heads, d // heads))
         elif kind == "group":
@@ -104,7 +106,7 @@ def make_cache_step(kind: str, dynamic: bool, qmax: float, heads: int, group: in
         if kind in ("head", "group"):
             q = q.flatten(1, 2) if kind == "head" else q.flatten(2, 3)
         q = q.to(torch.int8)
-        return (pack_int4(q) if packed else q), (scale.half() if dynamic else scales), y
+        return pack(q, 8, per_byte), (scale.half() if dynamic else scales), y
 
     return step
 
@@ -148,7 +150,7 @@ def _step_for(q, device: torch.device):
 
 
 def _cache_step_for(q, device: torch.device):
-    key = (*_layout(q, device), q.bits <= 4)
+    key = (*_layout(q, device), codes_per_byte(q.bits, dense=True))
     eager = make_cache_step(*key)
     return _compiled(("cache", *key, device.type), eager), eager
 
@@ -227,7 +229,7 @@ def kernel_scan(state, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -
     q = state.quantizer
     s_n, s_c = _kernel_scales(q)
     return cpu_kernels.dsq_scan(state.codes, state.scales, x, dt, A, B, C, s_n, s_c, q.scale_mode == "dynamic",
-                                q.bits <= 4, float(q.qmax))
+                                state.per_byte, float(q.qmax))
 
 
 def cache_step(state, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:

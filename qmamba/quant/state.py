@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import QMambaError
 from ..models.cache import SSMState
-from .primitives import EPS, pack, qrange, unpack
+from .primitives import EPS, codes_per_byte, pack, qrange, unpack
 
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 DSQ_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -271,25 +271,29 @@ class StateQuantizer(nn.Module):
 
 
 class QuantizedSSMState(SSMState):
-    """The SSM state of one layer stored as integers: codes int8 (b, d, n) for 5..8 bits, or two
-    4-bit codes per byte (b, d, n/2) uint8 for 2..4 bits, plus float16 per-write scales."""
+    """The SSM state of one layer stored as integers: codes int8 (b, d, n) for 5..8 bits, two
+    codes per byte (b, d, n/2) uint8 for 3..4 bits, four per byte (b, d, n/4) uint8 for 2 bits
+    (the last dim padded with zero codes), plus float16 per-write scales."""
 
     def __init__(self, quantizer: StateQuantizer, batch: int, device):
         q = quantizer
-        cols = q.n // 2 if q.bits <= 4 else q.n
+        self.per_byte = codes_per_byte(q.bits, dense=True)
+        cols = -(-q.n // self.per_byte)
         self.quantizer = q
-        self.codes = torch.zeros(batch, q.d, cols, dtype=torch.uint8 if q.bits <= 4 else torch.int8, device=device)
+        self.codes = torch.zeros(batch, q.d, cols, dtype=torch.uint8 if self.per_byte > 1 else torch.int8,
+                                 device=device)
         shape = q.dynamic_shape(batch)
         self.scales = torch.zeros(shape, dtype=torch.float16, device=device)   # (b, 0) when static
 
     def read(self) -> Tensor:
         q = self.quantizer
-        return q.dequantize(unpack(self.codes, q.bits), self.scales if q.scale_mode == "dynamic" else None)
+        return q.dequantize(unpack(self.codes, q.bits, q.n, self.per_byte),
+                            self.scales if q.scale_mode == "dynamic" else None)
 
     def write(self, h: Tensor) -> Tensor:
         q = self.quantizer
         codes, scale = q.quantize(h)
-        self.codes = pack(codes, q.bits)
+        self.codes = pack(codes, q.bits, self.per_byte)
         if scale is not None:
             self.scales = scale.half()
         return q.dequantize(codes, scale)

@@ -68,7 +68,7 @@ def test_disabled_by_environment(monkeypatch):
     ("dsq", 16, 4, "dynamic", 1, 1), ("dsq", 16, 8, "static", 16, 2), ("dsq", 12, 4, "static", 1, 2),
     ("dsq", 32, 3, "dynamic", 32, 1), ("dsq", 10, 8, "dynamic", 10, 1), ("channel", 16, 4, "dynamic", 1, 1),
     ("channel", 16, 4, "static", 1, 1), ("tensor", 16, 4, "static", 16, 1), ("state", 32, 4, "static", 1, 2),
-    ("head", 16, 2, "static", 1, 1)])
+    ("head", 16, 2, "static", 1, 1), ("dsq", 10, 2, "dynamic", 10, 1), ("channel", 7, 4, "dynamic", 1, 1)])
 def test_dsq_scan_matches_the_eager_cache(kind, n, bits, mode, nA, g, monkeypatch):
     """The C recurrence over l tokens on the integer cache (vector and scalar lanes, packed and
     int8 codes, per-head and per-state A, every quantizer it covers) against the eager read ->

@@ -15,9 +15,9 @@ from torch import nn
 from qmamba.errors import QMambaError
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.linear import QLinear, dequantize_weight, quantize_weight, weight_scale
-from qmamba.quant.primitives import (EPS, asymmetric_params, dequantize, fake_quant, pack, pack_int4,
+from qmamba.quant.primitives import (EPS, asymmetric_params, dequantize, fake_quant, pack, pack_int2, pack_int4,
                                      qrange, quantize, round_stochastic, storage_dtype, to_groups,
-                                     unpack, unpack_int4)
+                                     unpack, unpack_int2, unpack_int4)
 
 PROPS = settings(max_examples=60, deadline=None, database=None)
 BITS = st.integers(2, 8)
@@ -133,6 +133,29 @@ def test_asymmetric_params_map_range_onto_codes(x, bits):
 
 
 # ----------------------------------------------------------------------------- 4-bit packing
+def test_pack_int2_round_trips_every_byte():
+    """All 256 quadruples of 2-bit codes (-2..1): one distinct byte each, element 4i + j in bits
+    2j..2j+1, and back."""
+    quads = torch.cartesian_prod(*[torch.arange(-2, 2, dtype=torch.int8)] * 4)           # (256, 4)
+    packed = pack_int2(quads)
+    assert packed.dtype == torch.uint8 and packed.shape == (256, 1)
+    assert len(set(packed.flatten().tolist())) == 256
+    assert packed[..., 0].tolist() == [sum((v & 3) << (2 * j) for j, v in enumerate(q)) for q in quads.tolist()]
+    assert torch.equal(unpack_int2(packed), quads)
+
+
+@pytest.mark.parametrize("size", [4, 5, 7, 16])
+def test_dense_state_packing_pads_and_drops(size):
+    """The state's storage: 2-bit codes four per byte (padded with zero codes), 4-bit two per
+    byte, 8-bit as they are; unpack with the size gives the codes back."""
+    q = torch.randint(-1, 2, (3, 2, size), generator=torch.Generator().manual_seed(size), dtype=torch.int8)
+    for bits, per_byte in ((2, 4), (4, 2), (8, 1)):
+        p = pack(q, bits, per_byte)
+        assert p.shape[-1] == -(-size // per_byte)
+        assert torch.equal(unpack(p, bits, size, per_byte), q)
+    assert pack(q, 2).shape[-1] == -(-size // 2)          # weights keep two codes per byte at 2 bits
+
+
 def test_pack_int4_round_trips_every_code_pair():
     codes = torch.arange(-8, 8, dtype=torch.int8)
     pairs = torch.cartesian_prod(codes, codes)                       # (256, 2): every (lo, hi)

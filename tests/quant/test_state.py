@@ -288,11 +288,11 @@ def test_cache_holds_integers(arch, kind, mode, bits):
     for layer, q in zip(cache, state_quantizers(model)):
         ssm = layer.ssm
         assert isinstance(ssm, QuantizedSSMState) and ssm.quantizer is q
-        if bits <= 4:
-            assert ssm.codes.dtype == torch.uint8 and ssm.codes.shape == (BATCH, d, n // 2)
-        else:
-            assert ssm.codes.dtype == torch.int8 and ssm.codes.shape == (BATCH, d, n)
-        codes = unpack(ssm.codes, bits)
+        per_byte = 4 if bits <= 2 else 2 if bits <= 4 else 1           # H2: four codes per byte
+        assert ssm.per_byte == per_byte
+        assert ssm.codes.dtype == (torch.uint8 if per_byte > 1 else torch.int8)
+        assert ssm.codes.shape == (BATCH, d, n // per_byte)
+        codes = unpack(ssm.codes, bits, n, per_byte)
         assert codes.dtype == torch.int8 and codes.shape == (BATCH, d, n)
         assert int(codes.abs().max()) <= qmax               # (static H2 may round a state to all 0)
         names = set(ssm.tensors())
@@ -311,7 +311,7 @@ def test_cache_holds_integers(arch, kind, mode, bits):
         else:
             assert ssm.scales.numel() == 0 and names == {"codes"}         # nothing per sequence
             scale_bytes = 0
-        ssm_bytes += BATCH * d * (n // 2 if bits <= 4 else n) + scale_bytes
+        ssm_bytes += BATCH * d * n // per_byte + scale_bytes
         # what the cache holds is what decoding reads
         assert torch.equal(ssm.read(), q.dequantize(codes, None if mode == "static" else ssm.scales))
     conv_bytes = cfg.n_layer * BATCH * cfg.conv_dim * (cfg.d_conv - 1) * 8   # float64 model
@@ -531,7 +531,7 @@ def test_store_read_equals_fake_quant(arch, kind, mode, bits, rounding):
                 assert torch.equal(store.scales.float(), scale)
             else:
                 assert scale is None
-            assert torch.equal(unpack(store.codes, bits), codes)
+            assert torch.equal(unpack(store.codes, bits, q.n, store.per_byte), codes)
             assert torch.equal(q.dequantize(codes, scale), fake)
             q.generator = None
             assert torch.equal(q(h), fake)                               # forward in "quant" mode

@@ -229,8 +229,9 @@ static inline void pack16(__m256 a, __m256 b, uint8_t *p) {
  *   h      = q * s_c * s_n                           (what the next token reads)
  *   y_t    = sum_n h * C_t
  *
- * codes (b, d, n/2) uint8 with two 4-bit codes per byte (packed = 1: element 2i in the low
- * nibble) or (b, d, n) int8: read at the start, written with the last token's codes; scales
+ * codes (b, d, ceil(n / per_byte)) uint8 with two 4-bit codes per byte (per_byte = 2: element
+ * 2i in the low nibble) or four 2-bit codes (per_byte = 4: element 4i + j in bits 2j, 2j + 1),
+ * or (b, d, n) int8 (per_byte = 1): read at the start, written with the last token's codes; scales
  * (b, d) float16 bits when dynamic (likewise); static_scale (d,); A (d, nA) with nA = 1 (Mamba2:
  * per head, repeated per channel) or n (Mamba1); x, dt, y (b, l, d); B, C (b, l, g, n) with
  * d / g channels per group. Each (sequence, channel) row runs all l tokens on one thread, its n
@@ -241,11 +242,12 @@ static inline void pack16(__m256 a, __m256 b, uint8_t *p) {
  */
 void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA, uint8_t *codes,
               uint16_t *scales, const float *x, const float *dt, const float *A, const float *B,
-              const float *C, const float *s_n, const float *static_scale, int dynamic, int packed,
+              const float *C, const float *s_n, const float *static_scale, int dynamic, int per_byte,
               float qmax, float *y, int nthreads) {
     const int64_t per_group = d / g;
-    const int64_t row_bytes = packed ? n / 2 : n;
-    const int vec = n % 16 == 0;
+    const int64_t row_bytes = (n + per_byte - 1) / per_byte;
+    const int packed = per_byte == 2;
+    const int vec = n % 16 == 0, vec_io = vec && per_byte < 4;          /* 2-bit codes: scalar read/write */
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t row = 0; row < b * d; row++) {
         const int64_t bi = row / d, c = row % d, gi = c / per_group;
@@ -254,7 +256,7 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
         float h[n], q[n], dA[nA];
         float s = dynamic ? _cvtsh_ss(scales[row]) : static_scale[c];
         int64_t k0 = 0;
-        if (vec) {                                                          /* read */
+        if (vec_io) {                                                       /* read */
             const __m256 vs = _mm256_set1_ps(s);
             for (int64_t k = 0; k < n; k += 16) {
                 __m256 v[2];
@@ -271,7 +273,10 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
         }
         for (int64_t k = k0; k < n; k++) {
             int32_t v;
-            if (packed) {
+            if (per_byte == 4) {
+                int32_t crumb = (cr[k >> 2] >> ((k & 3) * 2)) & 0x3;
+                v = crumb > 1 ? crumb - 4 : crumb;
+            } else if (packed) {
                 int32_t nib = (cr[k >> 1] >> ((k & 1) * 4)) & 0xF;
                 v = nib > 7 ? nib - 16 : nib;
             } else {
@@ -345,7 +350,7 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
         if (l > 0) {                                                        /* write */
             if (dynamic) scales[row] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
             k0 = 0;
-            if (vec) {
+            if (vec_io) {
                 for (int64_t k = 0; k < n; k += 16) {
                     const __m256 a = _mm256_loadu_ps(q + k), bq = _mm256_loadu_ps(q + k + 8);
                     if (packed) pack16(a, bq, cr + k / 2);
@@ -360,7 +365,10 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
             }
             for (int64_t k = k0; k < n; k++) {
                 const int32_t qi = (int32_t)q[k];
-                if (packed) {
+                if (per_byte == 4) {
+                    const int sh = (int)(k & 3) * 2;
+                    cr[k >> 2] = (uint8_t)((cr[k >> 2] & ~(0x3 << sh)) | ((qi & 0x3) << sh));
+                } else if (packed) {
                     if (k & 1) cr[k >> 1] = (uint8_t)((cr[k >> 1] & 0x0F) | ((qi & 0xF) << 4));
                     else cr[k >> 1] = (uint8_t)((cr[k >> 1] & 0xF0) | (qi & 0xF));
                 } else {
