@@ -19,7 +19,7 @@ which is non-linear in time and so has no parallel scan. Each simulation is diff
              a Python loop over time under autograd, slow).
 
 ESR's default is "chunk": in the study (README, benchmarks/esr_study.py, one CPU thread) it was
-4.6x faster per block than "exact" on ref-mamba2 and 2.8x on ref-mamba1 (whose 16-wide state
+4.6x faster per block than "exact" on ref-mamba2 and 2.3x on ref-mamba1 (whose 16-wide state
 makes the exact loop cheap), with test perplexity after ESR within 0.3% of exact's; "readout"
 and "errscan" materialise (b, l, d, n) states and are slower than "chunk" on CPU.
 
