@@ -12,6 +12,8 @@ from typing import Iterator
 
 from torch import Tensor
 
+from .scan import ssm_readout, ssm_update
+
 
 class SSMState:
     """Float SSM state (b, d, n) stored in the cache's dtype (the model's, as transformers and
@@ -30,8 +32,6 @@ class SSMState:
     def step(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
         """One token: h <- exp(dt A) h + dt x B, stored; returns <h, C> (b, d).
         x, dt (b, d) float32; A (d, n) or (d, 1); B, C (b, g, n)."""
-        from .scan import ssm_readout, ssm_update
-
         h = self.write(ssm_update(self.read(), x, dt, A, B))
         return ssm_readout(h, C, x, None)
 

@@ -47,17 +47,21 @@ class Mamba1Mixer(MixerBase):
         dt = self.quant_dt(F.softplus(self.dt_proj(dt)))
         return x, dt, self.quant_B(B), self.quant_C(C)
 
+    def channel_A_D(self):
+        return -torch.exp(self.A_log.float()), self.D.float()               # (d, n), (d,)
+
     def parallel_scan(self, x, dt, B, C, h0):
         """x, dt (b, l, d); B, C (b, l, n) -> y (b, l, d), h (b, d, n)."""
-        A = -torch.exp(self.A_log.float())                                  # (d, n)
-        return selective_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), self.D.float(), h0)
+        A, D = self.channel_A_D()
+        return selective_scan(x, dt, A, B.unsqueeze(2), C.unsqueeze(2), D, h0)
 
     def end_states(self, x, dt, B, C):
         """x, dt (b, l, d); B (b, l, n) -> h_l (b, d, n) from zero, without the read-out."""
-        return chunk_end_states(x, dt, -torch.exp(self.A_log.float()), B.unsqueeze(2))
+        return chunk_end_states(x, dt, self.channel_A_D()[0], B.unsqueeze(2))
 
     def per_channel(self, x, dt, B, C):
-        return x, dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2), self.D.float()
+        A, D = self.channel_A_D()
+        return x, dt, A, B.unsqueeze(2), C.unsqueeze(2), D
 
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""
@@ -71,10 +75,6 @@ class Mamba1Mixer(MixerBase):
         y = self.scan(x, dt, B, C, state)                                   # (b, l, d)
         y = y.to(hidden.dtype) * F.silu(self.quant_z(z))                    # (b, l, d)
         return self.out_proj(y)
-
-    def _decode_constants(self):
-        with torch.no_grad():
-            return -torch.exp(self.A_log.float()), self.D.float()
 
     def step(self, hidden: Tensor, state: LayerState) -> Tensor:
         """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model)."""

@@ -71,14 +71,13 @@ class Mamba2Mixer(MixerBase):
                         self.chunk_size, h0)
         return y.flatten(-2), h.flatten(1, 2)
 
-    def per_channel(self, x, dt, B, C):
-        A = -torch.exp(self.A_log.float())
-        return (x, self._per_channel(dt), self._per_channel(A)[:, None], B, C,
-                self._per_channel(self.D.float()))
+    def channel_A_D(self):
+        """A (d, 1) and D (d,): each head's scalar repeated over its channels."""
+        return self._per_channel(-torch.exp(self.A_log.float()))[:, None], self._per_channel(self.D.float())
 
-    def _decode_constants(self):
-        with torch.no_grad():
-            return self._per_channel(-torch.exp(self.A_log.float()))[:, None], self._per_channel(self.D.float())
+    def per_channel(self, x, dt, B, C):
+        A, D = self.channel_A_D()
+        return x, self._per_channel(dt), A, B, C, D
 
     def forward(self, hidden: Tensor, state: Optional[LayerState] = None) -> Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model). With `state`, start from it and update it."""

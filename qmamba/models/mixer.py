@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import LayerState, SSMState
@@ -47,6 +48,10 @@ class MixerBase(nn.Module):
     def per_channel(self, x, dt, B, C) -> tuple:
         raise NotImplementedError
 
+    def channel_A_D(self) -> tuple[Tensor, Tensor]:
+        """A ((d, n) or (d, 1)) and D (d,) in the per-channel form, float32."""
+        raise NotImplementedError
+
     def scan(self, x, dt, B, C, state: Optional[LayerState]) -> Tensor:
         """The selective scan of the mixer's native inputs; reads and updates `state` if given.
         Float state: the parallel scan. Quantized state: the exact per-token recurrence (or, while
@@ -66,7 +71,7 @@ class MixerBase(nn.Module):
             return self.state_sim(self, x, dt, B, C, h0)[0]
         args = self.per_channel(x, dt, B, C)
         if q.mode == "quant" and not torch.is_grad_enabled():
-            from ..quant.qscan import kernel_scan, use_cpu_kernel
+            from ..quant.qscan import kernel_scan, quantized_scan, use_cpu_kernel
             from ..quant.state import QuantizedSSMState
 
             stored = None if state is None else state.ssm
@@ -74,15 +79,14 @@ class MixerBase(nn.Module):
                 xs, dts, A, Bs, Cs, D = args         # the C kernel, on the integer cache itself
                 y = kernel_scan(stored if stored is not None else q.allocate(x.shape[0]), xs, dts, A, Bs, Cs)
                 return y if D is None else y + D * xs.float()
-        # the fused scan; with stochastic rounding only without a cache (writing the final state
-        # into one would draw again and shift the seeded stream that decode continues)
-        if q.mode == "quant" and not torch.is_grad_enabled() and (state is None or q.rounding == "nearest"):
-            from ..quant.qscan import quantized_scan      # fused per-token step, same numbers
-
-            y, h = quantized_scan(*args, q, h0)
-            if state is not None:
-                state.ssm.write(h)                        # re-quantizing a stored state is exact
-            return y
+            # the fused per-token step (same numbers); with stochastic rounding only without a cache
+            # (writing the final state into one would draw again and shift the seeded stream that
+            # decode continues)
+            if state is None or q.rounding == "nearest":
+                y, h = quantized_scan(*args, q, h0)
+                if state is not None:
+                    state.ssm.write(h)                    # re-quantizing a stored state is exact
+                return y
         return selective_scan_ref(*args, h0, q if state is None else state.ssm.write)[0]
 
     def segmented_scan(self, x, dt, B, C, h0: Optional[Tensor], every: int, on_state) -> tuple[Tensor, Tensor]:
@@ -114,7 +118,7 @@ class MixerBase(nn.Module):
             return y, on_state(h)
         pad = c * every - length
         if pad:
-            x, dt, B, C = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+            x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
 
         def fold(t: Tensor) -> Tensor:                                      # (b, c s, ...) -> (b c, s, ...)
             return t.reshape(b * c, every, *t.shape[2:])
@@ -143,12 +147,10 @@ class MixerBase(nn.Module):
         recomputed only when A_log or D change (a decode step would redo it for every token)."""
         key = (self.A_log._version, self.A_log.data_ptr(), self.D._version, self.D.data_ptr())
         if self.__dict__.get("_decode_key") != key:
-            self.__dict__["_decode_consts"] = self._decode_constants()
+            with torch.no_grad():
+                self.__dict__["_decode_consts"] = self.channel_A_D()
             self.__dict__["_decode_key"] = key
         return self.__dict__["_decode_consts"]
-
-    def _decode_constants(self) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
 
     # the conv state holds conv inputs; with a static A-bit quantizer there, it holds their codes
     def _conv_int_scale(self) -> Optional[Tensor]:

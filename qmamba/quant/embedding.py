@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .intmm import blockwise_linear, weight_only
 from .primitives import quantize, symmetric_scale
 
 HEAD_BITS = 8
@@ -45,8 +46,6 @@ class TiedQHead(nn.Module):
         self._emb = [embedding]          # a list keeps it out of this module's state dict
 
     def forward(self, hidden: Tensor) -> Tensor:
-        from .intmm import blockwise_linear, weight_only
-
         emb = self._emb[0]
         h = hidden.reshape(-1, hidden.shape[-1])                            # (m, d)
         if self.exec_mode == "int":

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import cpu_kernels
 from .activation import ActQuantizer
-from .linear import QLinear
+from .linear import QLinear, dequantize_weight
 
 MODES = ("sim", "int")
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 64    # above this (a prompt), dequantize + float GEMM is faster
@@ -80,8 +80,6 @@ def weight_only(x: Tensor, codes: Tensor, scale: Tensor, group_size: int = 0,
 def blockwise_linear(x: Tensor, codes: Tensor, scale: Tensor, group_size: int = 0,
                      block: int = 8192) -> Tensor:
     """x (m, k) @ dequant(codes, scale)^T, dequantizing `block` output rows at a time."""
-    from .linear import dequantize_weight
-
     if codes.shape[0] <= block:
         return F.linear(x, dequantize_weight(codes, scale, group_size, x.dtype))
     return torch.cat([F.linear(x, dequantize_weight(codes[i:i + block], scale[i:i + block], group_size, x.dtype))

@@ -154,10 +154,9 @@ def codes_per_byte(bits: int, dense: bool = False) -> int:
     return 4 if dense and bits <= 2 else 2
 
 
-def pack(q: Tensor, bits: int, per_byte: Optional[int] = None) -> Tensor:
-    """Codes as stored: `per_byte` (default `codes_per_byte(bits)`) codes per byte, the last dim
-    padded with zero codes to a multiple of it; one per byte means int8 as they are."""
-    per_byte = per_byte or codes_per_byte(bits)
+def pack_codes(q: Tensor, per_byte: int) -> Tensor:
+    """Codes as stored, `per_byte` (1, 2 or 4) to a byte, the last dim padded with zero codes to
+    a multiple of it; one per byte means int8 as they are."""
     if per_byte == 1:
         return q
     if q.shape[-1] % per_byte:
@@ -165,8 +164,17 @@ def pack(q: Tensor, bits: int, per_byte: Optional[int] = None) -> Tensor:
     return pack_int4(q) if per_byte == 2 else pack_int2(q)
 
 
-def unpack(p: Tensor, bits: int, size: Optional[int] = None, per_byte: Optional[int] = None) -> Tensor:
-    """Inverse of `pack`; `size` drops the padding codes."""
-    per_byte = per_byte or codes_per_byte(bits)
+def unpack_codes(p: Tensor, per_byte: int, size: Optional[int] = None) -> Tensor:
+    """Inverse of `pack_codes`; `size` drops the padding codes."""
     q = p if per_byte == 1 else (unpack_int4(p) if per_byte == 2 else unpack_int2(p))
     return q if size is None else q[..., :size]
+
+
+def pack(q: Tensor, bits: int) -> Tensor:
+    """Weight codes as stored: `codes_per_byte(bits)` to a byte."""
+    return pack_codes(q, codes_per_byte(bits))
+
+
+def unpack(p: Tensor, bits: int, size: Optional[int] = None) -> Tensor:
+    """Inverse of `pack`; `size` drops the padding code of an odd last dim."""
+    return unpack_codes(p, codes_per_byte(bits), size)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..models.scan import _per_channel
 from . import cpu_kernels
-from .primitives import codes_per_byte, pack, unpack
+from .primitives import codes_per_byte, pack_codes, unpack_codes
 
 log = logging.getLogger("qmamba")
 _COMPILED: dict = {}
@@ -93,8 +93,7 @@ def make_cache_step(kind: str, dynamic: bool, qmax: float, heads: int, group: in
     def step(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              s_n: Tensor, static: Tensor, u: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         b, d = x.shape
-        n = B.shape[-1]
-        q = unpack(codes, 8, n, per_byte).float()                           # (b, d, n)
+        q = unpack_codes(codes, per_byte, B.shape[-1]).float()              # (b, d, n)
         if kind == "head":
             q = q.unflatten(1, (heads, d // heads))
         elif kind == "group":
@@ -106,7 +105,7 @@ def make_cache_step(kind: str, dynamic: bool, qmax: float, heads: int, group: in
         if kind in ("head", "group"):
             q = q.flatten(1, 2) if kind == "head" else q.flatten(2, 3)
         q = q.to(torch.int8)
-        return pack(q, 8, per_byte), (scale.half() if dynamic else scales), y
+        return pack_codes(q, per_byte), (scale.half() if dynamic else scales), y
 
     return step
 

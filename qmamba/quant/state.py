@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..errors import QMambaError
 from ..models.cache import SSMState
-from .primitives import EPS, codes_per_byte, pack, qrange, unpack
+from .primitives import EPS, codes_per_byte, pack_codes, qrange, unpack_codes
+from .qscan import cache_step
 
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 DSQ_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -287,13 +288,13 @@ class QuantizedSSMState(SSMState):
 
     def read(self) -> Tensor:
         q = self.quantizer
-        return q.dequantize(unpack(self.codes, q.bits, q.n, self.per_byte),
+        return q.dequantize(unpack_codes(self.codes, self.per_byte, q.n),
                             self.scales if q.scale_mode == "dynamic" else None)
 
     def write(self, h: Tensor) -> Tensor:
         q = self.quantizer
         codes, scale = q.quantize(h)
-        self.codes = pack(codes, q.bits, self.per_byte)
+        self.codes = pack_codes(codes, self.per_byte)
         if scale is not None:
             self.scales = scale.half()
         return q.dequantize(codes, scale)
@@ -301,8 +302,6 @@ class QuantizedSSMState(SSMState):
     def step(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
         """One token read from and written back to the packed codes in one fused step (same
         numbers as read -> update -> write -> read-out; tests/quant/test_state.py)."""
-        from .qscan import cache_step
-
         return cache_step(self, x, dt, A, B, C)
 
     def tensors(self) -> dict[str, Tensor]:

@@ -162,6 +162,24 @@ def test_logits_to_keep(case):
     torch.testing.assert_close(last, model(ids)[:, -2:], rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_decode_constants_follow_the_parameters(case):
+    """The token step's cached A and D are those of the current A_log and D: recomputed after
+    an in-place change and after a parameter is replaced, otherwise reused."""
+    _, _, folder, ids, _ = case
+    model = qmamba.load(folder).model
+    mixer = model.backbone.layers[0].mixer
+    first = mixer.decode_constants()
+    assert mixer.decode_constants() is first                          # reused while unchanged
+    mixer.A_log.add_(0.5)
+    A, D = mixer.decode_constants()
+    torch.testing.assert_close(A, mixer.channel_A_D()[0])
+    mixer.D = nn.Parameter(mixer.D * 2)
+    torch.testing.assert_close(mixer.decode_constants()[1], mixer.channel_A_D()[1])
+    step = [model.step(ids[:, t], cache) for cache in [model.allocate_cache(ids.shape[0])] for t in range(3)]
+    torch.testing.assert_close(torch.stack(step, 1), model(ids[:, :3]), rtol=1e-4, atol=1e-4)
+
+
 def test_mamba_ssm_folder(case, parity_log, tmp_path):
     name, hf, folder, ids, ref = case
     if hf.config.model_type == "falcon_mamba":

@@ -15,9 +15,9 @@ from torch import nn
 from qmamba.errors import QMambaError
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.linear import QLinear, dequantize_weight, quantize_weight, weight_scale
-from qmamba.quant.primitives import (EPS, asymmetric_params, dequantize, fake_quant, pack, pack_int2, pack_int4,
-                                     qrange, quantize, round_stochastic, storage_dtype, to_groups,
-                                     unpack, unpack_int2, unpack_int4)
+from qmamba.quant.primitives import (EPS, asymmetric_params, codes_per_byte, dequantize, fake_quant, pack,
+                                     pack_codes, pack_int2, pack_int4, qrange, quantize, round_stochastic,
+                                     storage_dtype, to_groups, unpack, unpack_codes, unpack_int2, unpack_int4)
 
 PROPS = settings(max_examples=60, deadline=None, database=None)
 BITS = st.integers(2, 8)
@@ -150,9 +150,10 @@ def test_dense_state_packing_pads_and_drops(size):
     byte, 8-bit as they are; unpack with the size gives the codes back."""
     q = torch.randint(-1, 2, (3, 2, size), generator=torch.Generator().manual_seed(size), dtype=torch.int8)
     for bits, per_byte in ((2, 4), (4, 2), (8, 1)):
-        p = pack(q, bits, per_byte)
+        p = pack_codes(q, per_byte)
         assert p.shape[-1] == -(-size // per_byte)
-        assert torch.equal(unpack(p, bits, size, per_byte), q)
+        assert torch.equal(unpack_codes(p, per_byte, size), q)
+        assert codes_per_byte(bits, dense=True) == per_byte
     assert pack(q, 2).shape[-1] == -(-size // 2)          # weights keep two codes per byte at 2 bits
 
 

@@ -62,7 +62,7 @@ from qmamba.models.scan import selective_scan_ref
 from qmamba.quant import qscan
 from qmamba.quant.apply import state_quantizers
 from qmamba.quant.config import STATE_QUANTIZERS
-from qmamba.quant.primitives import unpack
+from qmamba.quant.primitives import unpack_codes
 from qmamba.quant.state import CLIP_GRID, DSQ_ALPHA_GRID, QuantizedSSMState, StateQuantizer
 from qmamba.quantize import quantize
 
@@ -292,7 +292,7 @@ def test_cache_holds_integers(arch, kind, mode, bits):
         assert ssm.per_byte == per_byte
         assert ssm.codes.dtype == (torch.uint8 if per_byte > 1 else torch.int8)
         assert ssm.codes.shape == (BATCH, d, n // per_byte)
-        codes = unpack(ssm.codes, bits, n, per_byte)
+        codes = unpack_codes(ssm.codes, per_byte, n)
         assert codes.dtype == torch.int8 and codes.shape == (BATCH, d, n)
         assert int(codes.abs().max()) <= qmax               # (static H2 may round a state to all 0)
         names = set(ssm.tensors())
@@ -395,7 +395,7 @@ def test_dsq_factorisation_of_stored_state(arch, mode, bits):
         ref = col.pow(q.dsq_alpha)
         assert q.dsq_alpha in DSQ_ALPHA_GRID
         assert torch.allclose(s_n, ref / ref.log().mean().exp(), rtol=1e-5)
-        codes = unpack(layer.ssm.codes, bits).float()                   # q[c, n]
+        codes = unpack_codes(layer.ssm.codes, layer.ssm.per_byte).float()                   # q[c, n]
         s_c = layer.ssm.scales.float() if mode == "dynamic" else q.static_scale.detach()   # (b, d, 1) | (d, 1)
         assert s_c.shape[-2:] == (q.d, 1)
         h = layer.ssm.read()
@@ -531,7 +531,7 @@ def test_store_read_equals_fake_quant(arch, kind, mode, bits, rounding):
                 assert torch.equal(store.scales.float(), scale)
             else:
                 assert scale is None
-            assert torch.equal(unpack(store.codes, bits, q.n, store.per_byte), codes)
+            assert torch.equal(unpack_codes(store.codes, store.per_byte, q.n), codes)
             assert torch.equal(q.dequantize(codes, scale), fake)
             q.generator = None
             assert torch.equal(q(h), fake)                               # forward in "quant" mode
