@@ -61,7 +61,8 @@ def _build() -> ctypes.CDLL:
     lib.i8_linear_f32.restype = None
     lib.dsq_scan.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                              i32, i32, ctypes.c_float, ptr, i32]
-    lib.i8_linear.restype = lib.f32i8_linear.restype = lib.dsq_scan.restype = None
+    lib.exp_f32.argtypes = [i64, ptr, ptr]
+    lib.i8_linear.restype = lib.f32i8_linear.restype = lib.dsq_scan.restype = lib.exp_f32.restype = None
     return lib
 
 
@@ -138,6 +139,15 @@ def f32i8_linear(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
     out = torch.empty(m, n, dtype=torch.float32)
     _lib.f32i8_linear(m, n, k, _ptr(x), _ptr(codes), _ptr(scale), _ptr(out), torch.get_num_threads())
     return out
+
+
+def exp_f32(x: Tensor) -> Tensor:
+    """exp of float32 values with the kernel's vectorised exp (the per-state decays of dsq_scan)."""
+    assert available(), _error
+    x = x.float().contiguous()
+    y = torch.empty_like(x)
+    _lib.exp_f32(x.numel(), _ptr(x), _ptr(y))
+    return y
 
 
 def dsq_scan(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
