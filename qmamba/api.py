@@ -98,9 +98,11 @@ def _hub_patterns(files: list[str]) -> list[str]:
 
 
 def _network_errors() -> tuple:
-    """Connection failures of the HTTP client huggingface_hub uses (requests < 1.0, httpx >= 1.0)."""
+    """Connection failures of the HTTP client huggingface_hub uses (requests < 1.0, httpx >= 1.0,
+    httpx2 in the newest releases)."""
     errors = []
-    for module, names in (("requests", ("ConnectionError", "Timeout")), ("httpx", ("TransportError",))):
+    for module, names in (("requests", ("ConnectionError", "Timeout")), ("httpx", ("TransportError",)),
+                          ("httpx2", ("TransportError",))):
         try:
             mod = importlib.import_module(module)
         except ImportError:
