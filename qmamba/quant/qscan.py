@@ -18,8 +18,10 @@ Shapes use the glossary of `qmamba.models.scan`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -31,6 +33,10 @@ from .primitives import codes_per_byte, pack_codes, unpack_codes
 
 log = logging.getLogger("qmamba")
 _COMPILED: dict = {}
+# token steps run so far, per implementation ("compiled", "eager", "kernel"): which path really
+# ran is observable (a silent fall-back to eager would otherwise look like a working compile)
+runs: collections.Counter = collections.Counter()
+_EAGER: "weakref.WeakSet" = weakref.WeakSet()      # the eager steps make_step / make_cache_step built
 
 
 def _requantize(h: Tensor, kind: str, dynamic: bool, qmax: float, heads: int, group: int,
@@ -80,6 +86,7 @@ def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, sto
         y = (h * _per_channel(C, d)).sum(-1)                                # (b, d)
         return h, y
 
+    _EAGER.add(step)
     return step
 
 
@@ -107,6 +114,7 @@ def make_cache_step(kind: str, dynamic: bool, qmax: float, heads: int, group: in
         q = q.to(torch.int8)
         return pack_codes(q, per_byte), (scale.half() if dynamic else scales), y
 
+    _EAGER.add(step)
     return step
 
 
@@ -136,8 +144,9 @@ def _compiled(key: tuple, eager):
             torch._inductor.config.emulate_precision_casts = True
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             fn = torch.compile(eager, dynamic=False)
-        except Exception:          # no compiler backend here: eager it is
-            pass
+        except Exception as e:     # no compiler backend here: eager it is
+            log.warning("qmamba: torch.compile is unavailable here (%s: %s); the quantized scan runs "
+                        "eagerly", type(e).__name__, e)
         _COMPILED[key] = fn
     return _COMPILED[key]
 
@@ -155,6 +164,10 @@ def _cache_step_for(q, device: torch.device):
 
 
 _CHECKED: set = set()
+
+
+def _impl(step) -> str:
+    return "eager" if step in _EAGER else "compiled"
 
 
 def _agree(a, b) -> bool:
@@ -177,12 +190,14 @@ def _checked(step, eager, args) -> object:
     key = (id(step), tuple(args[0].shape))
     if key in _CHECKED:
         return step
+    why = "disagrees with eager"
     try:
         ok = _agree(step(*args), eager(*args))
-    except Exception:
-        ok = False
+    except Exception as e:         # e.g. no C++ compiler for inductor: compiling fails on first use
+        first = (str(e).strip().splitlines() or [""])[0]
+        ok, why = False, f"failed ({type(e).__name__}: {first})"
     if not ok:
-        log.warning("qmamba: the compiled quantized step disagrees with eager here; using eager")
+        log.warning("qmamba: the compiled quantized step %s here; using eager", why)
         for k in [k for k, v in _COMPILED.items() if v is step]:
             _COMPILED[k] = eager
         return eager
@@ -236,12 +251,15 @@ def cache_step(state, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) ->
     (d, 1); B, C (b, g, n). Returns y (b, d) = <h_t, C_t> (D x_t is the caller's)."""
     q = state.quantizer
     if use_cpu_kernel(q, x):
+        runs["kernel"] += 1
         return kernel_scan(state, x[:, None], dt[:, None], A, B[:, None], C[:, None])[:, 0]
     step, eager = _cache_step_for(q, x.device)
     u = q.noise(state.codes.shape[:2] + (q.n,), x.device) if q.rounding == "stochastic" else None
     args = (state.codes, state.scales, x, dt, A, B, C, q.s_n.detach().float(),
             q.static_scale.detach().float().clamp(min=1e-12), u)
-    state.codes, state.scales, y = _checked(step, eager, args)(*args)
+    step = _checked(step, eager, args)
+    runs[_impl(step)] += 1
+    state.codes, state.scales, y = step(*args)
     return y
 
 
@@ -264,6 +282,7 @@ def quantized_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Op
         args = (h, x32[t], dt32[t], A, B32[t], C32[t], s_n, static, u)
         if t == 1:
             step = _checked_step(quantizer, x.device, args)
+        runs[_impl(step)] += 1
         h, y = step(*args)
         ys.append(y)
     y = torch.stack(ys, dim=1)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import logging
 import math
 
 import pytest
@@ -600,38 +601,91 @@ def test_never_observed_state_raises():
 # ------------------------------------------------------------------------------- the compiled fused scan
 @pytest.fixture
 def compiled_qscan(monkeypatch):
-    """qscan's torch.compile'd steps, from an empty cache, with the C kernels out of the way."""
+    """qscan's torch.compile'd steps, from an empty cache and a zeroed count of the steps run per
+    implementation, with the C kernels out of the way."""
+    import collections
+
     import torch._dynamo
 
     monkeypatch.setenv("QMAMBA_COMPILE", "1")
     monkeypatch.setattr(qscan, "_COMPILED", {})
+    monkeypatch.setattr(qscan, "_CHECKED", set())
+    monkeypatch.setattr(qscan, "runs", collections.Counter())
     monkeypatch.setattr(qscan, "use_cpu_kernels", False)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
 
 
-def test_compiled_fused_scan_matches_reference(compiled_qscan):
-    """DSQ dynamic H8, batch 2: the compiled step must give the reference recurrence."""
+def needs_inductor():
+    """torch.compile's CPU backend (inductor) builds C++: skip, saying so, only where no C++
+    compiler can be found. Anything else that stops the compiled step from running is a failure."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as e:
+        pytest.skip(f"torch.compile on CPU needs a C++ compiler and none was found here ({e})")
+
+
+def scan_case(b=2, length=6, d=8, n=16):
     g = torch.Generator().manual_seed(0)
-    b, length, d, n = 2, 6, 8, 16
     x, dt = torch.randn(b, length, d, generator=g), torch.rand(b, length, d, generator=g)
     A = -4 * torch.rand(d, n, generator=g)
     B, C = torch.randn(b, length, 1, n, generator=g), torch.randn(b, length, 1, n, generator=g)
-    q = StateQuantizer("dsq", 8, d, n, scale_mode="dynamic")
+    return x, dt, A, B, C, StateQuantizer("dsq", 8, d, n, scale_mode="dynamic")
+
+
+def test_compiled_fused_scan_matches_reference(compiled_qscan, caplog):
+    """DSQ dynamic H8, batch 2: the compiled step really runs (the first token eagerly, every
+    later one compiled, no fall-back warning) and gives the reference recurrence."""
+    needs_inductor()
+    x, dt, A, B, C, q = scan_case()
     with torch.no_grad():
         y_ref, h_ref = selective_scan_ref(x, dt, A, B, C, None, None, q)
-        y, h = qscan.quantized_scan(x, dt, A, B, C, None, q)
-    if not qscan.compile_enabled():                               # qscan fell back to eager
-        pytest.skip("torch.compile does not work on this machine")
+        with caplog.at_level(logging.WARNING, logger="qmamba"):
+            y, h = qscan.quantized_scan(x, dt, A, B, C, None, q)
+    assert "using eager" not in caplog.text and "unavailable" not in caplog.text, caplog.text
+    assert qscan.runs == {"eager": 1, "compiled": x.shape[1] - 1}, qscan.runs
     assert rel(h, h_ref) <= RTOL and rel(y, y_ref) <= RTOL
+
+
+@pytest.mark.parametrize("broken", ["wrong", "raises", "unavailable"])
+def test_a_broken_compile_falls_back_to_eager_and_says_so(broken, compiled_qscan, monkeypatch, caplog):
+    """torch.compile returning a step with wrong values, one that throws when run, or
+    torch.compile itself throwing: qscan warns once, runs eagerly and the result is still the
+    reference's (no real compilation happens here)."""
+    def fake_compile(fn, **kwargs):
+        if broken == "unavailable":
+            raise RuntimeError("no backend")
+
+        def step(*args):
+            if broken == "raises":
+                raise RuntimeError("C++ compile failed")
+            return tuple(t * 1.5 if t.dtype.is_floating_point else t for t in fn(*args))
+        return step
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    x, dt, A, B, C, q = scan_case()
+    with torch.no_grad():
+        y_ref, h_ref = selective_scan_ref(x, dt, A, B, C, None, None, q)
+        with caplog.at_level(logging.WARNING, logger="qmamba"):
+            y, h = qscan.quantized_scan(x, dt, A, B, C, None, q)
+            y2, _ = qscan.quantized_scan(x, dt, A, B, C, None, q)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "qmamba"]
+    assert len(warnings) == 1, warnings
+    assert {"wrong": "disagrees with eager", "raises": "failed (RuntimeError: C++ compile failed)",
+            "unavailable": "torch.compile is unavailable here (RuntimeError: no backend)"}[broken] in warnings[0]
+    assert qscan.runs == {"eager": 2 * x.shape[1]}, qscan.runs
+    assert rel(h, h_ref) <= RTOL and rel(y, y_ref) <= RTOL and torch.equal(y, y2)
 
 
 @pytest.mark.parametrize("kind, mode, bits, rounding", [("dsq", "dynamic", 4, "nearest"),
                                                         ("head", "static", 8, "stochastic")])
 def test_compiled_cache_step_matches_eager_read_write(kind, mode, bits, rounding, compiled_qscan, caplog):
-    """Decoding's fused step on the packed cache, compiled, against read -> update -> write ->
-    read-out through the cache's eager methods, over several tokens."""
+    """Decoding's fused step on the packed cache, compiled (every step: no fall-back), against
+    read -> update -> write -> read-out through the cache's eager methods, over several tokens."""
+    needs_inductor()
     g = torch.Generator().manual_seed(1)
     b, d, n, steps = 2, 8, 16, 4
     q = StateQuantizer(kind, bits, d, n, headdim=4, scale_mode=mode, rounding=rounding)
@@ -645,15 +699,14 @@ def test_compiled_cache_step_matches_eager_read_write(kind, mode, bits, rounding
     for _ in range(steps):
         x, dt = torch.randn(b, d, generator=g), torch.rand(b, d, generator=g)
         B, C = torch.randn(b, 1, n, generator=g), torch.randn(b, 1, n, generator=g)
-        with torch.no_grad():
+        with torch.no_grad(), caplog.at_level(logging.WARNING, logger="qmamba"):
             y = fused.step(x, dt, A, B, C)
             h = ref.write(torch.exp(dt.unsqueeze(-1) * A) * ref.read() + (dt * x).unsqueeze(-1) * B)
             y_ref = (h * C).sum(-1)
-        if not qscan.compile_enabled():
-            pytest.skip("torch.compile does not work on this machine")
         assert fused.codes.dtype == ref.codes.dtype and fused.codes.shape == ref.codes.shape
         assert (fused.codes != ref.codes).float().mean() <= 0.01      # rare .5 ties may flip
         assert rel(y, y_ref) <= 1e-3
         torch.testing.assert_close(fused.scales, ref.scales, rtol=1e-3, atol=0)
-    assert "disagrees" not in caplog.text                # the compiled step was kept
+    assert "using eager" not in caplog.text and "unavailable" not in caplog.text, caplog.text
+    assert qscan.runs == {"compiled": steps}, qscan.runs            # the compiled step ran every token
     assert any(key[0] == "cache" for key in qscan._COMPILED)
