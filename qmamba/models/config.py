@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import QMambaError
+from .hf_compat import json_float as _float
 
 ARCHS = ("mamba1", "mamba2")
 
@@ -31,7 +32,7 @@ class ModelConfig:
     ngroups: int = 1
     chunk_size: int = 256
     dt_limit: tuple = (0.0, float("inf"))
-    norm_group_size: int = 0           # gated RMSNorm group (channels); 0 = d_inner (transformers)
+    norm_group_size: int = 0           # gated RMSNorm group (channels); 0 = d_inner / ngroups (mamba_ssm)
     # both
     conv_bias: bool = True
     bias: bool = False
@@ -54,7 +55,9 @@ class ModelConfig:
             if self.nheads % self.ngroups:
                 raise QMambaError(f"num_heads {self.nheads} is not a multiple of n_groups {self.ngroups}")
             if not self.norm_group_size:
-                self.norm_group_size = self.d_inner
+                self.norm_group_size = self.default_norm_group_size
+            if self.norm_group_size <= 0 or self.d_inner % self.norm_group_size:
+                raise QMambaError(f"gated norm group size {self.norm_group_size} does not divide d_inner {self.d_inner}")
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
         if not self.model_type:
             self.model_type = "mamba" if self.arch == "mamba1" else "mamba2"
@@ -65,6 +68,12 @@ class ModelConfig:
     @property
     def nheads(self) -> int:
         return self.d_inner // self.headdim
+
+    @property
+    def default_norm_group_size(self) -> int:
+        """mamba_ssm's Mamba2 (and transformers >= 5.23) normalises each of the n_groups groups
+        of d_inner / n_groups channels on its own (RMSNormGated(group_size=d_ssm // ngroups))."""
+        return self.d_inner // self.ngroups
 
     @property
     def conv_dim(self) -> int:
@@ -102,20 +111,13 @@ class ModelConfig:
                 head_dim=self.headdim, n_groups=self.ngroups, chunk_size=self.chunk_size,
                 time_step_limit=list(self.dt_limit), rms_norm=True,  # bare Infinity, as 4.x writes
             )
-            if self.norm_group_size != self.d_inner:
+            if self.norm_group_size != self.default_norm_group_size:     # an explicit override only
                 common["qmamba_norm_group_size"] = self.norm_group_size
         return {**self.extra, **common}
 
 
 def _json_float(v: float):
     return v if math.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
-
-
-def _float(v: Any) -> float:
-    """Floats as transformers 4.x (bare Infinity / "Infinity") and 5.x ({"__float__": ...}) write them."""
-    if isinstance(v, dict) and "__float__" in v:
-        v = v["__float__"]
-    return float(v)
 
 
 _CARRY = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -154,6 +156,8 @@ def from_hf_dict(cfg: dict) -> ModelConfig:
             return ModelConfig(
                 arch="mamba2", headdim=headdim, ngroups=int(cfg.get("n_groups", 1)),
                 chunk_size=int(cfg.get("chunk_size", 256)), dt_limit=tuple(_float(v) for v in limit),
+                # per group, as mamba_ssm (and transformers >= 5.23; older ones normalised over all
+                # of d_inner: a wrong function for n_groups > 1, see hf_compat) unless overridden
                 norm_group_size=int(cfg.get("qmamba_norm_group_size", 0)), **common,
             )
     except (KeyError, TypeError, ValueError) as e:

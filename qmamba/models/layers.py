@@ -31,8 +31,9 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """Mamba2's norm: y * silu(z), then RMSNorm over groups of `group_size` channels
-    (group_size = d is transformers' MambaRMSNormGated, d / ngroups is mamba_ssm's RMSNormGated)."""
+    """Mamba2's norm: y * silu(z), then RMSNorm over each group of `group_size` channels on its
+    own. mamba_ssm's RMSNormGated (norm_before_gate=False) uses group_size = d / ngroups, and so
+    does transformers from 5.23; older transformers normalised over all d channels (hf_compat)."""
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
         super().__init__()

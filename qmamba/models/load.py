@@ -27,6 +27,7 @@ from torch import Tensor
 from ..errors import QMambaError
 from ..utils.io import read_json
 from .config import ModelConfig, from_hf_dict, from_mamba_ssm_dict
+from .hf_compat import tied_head
 from .lm import MambaLM
 
 StateDict = dict[str, Tensor]
@@ -159,15 +160,7 @@ def _load_quantized(folder: Path, raw: dict, dtype: torch.dtype, device) -> Mamb
     """A qmamba quantized folder (config.json with `quantization_config`)."""
     from ..quant.checkpoint import build_quantized
 
-    return build_quantized(raw, read_weights(folder), dtype, device)
-
-
-def _major(raw: dict) -> int:
-    """Major version of the transformers that wrote a config.json (0 if unknown)."""
-    try:
-        return int(str(raw.get("transformers_version", "0")).split(".")[0])
-    except ValueError:
-        return 0
+    return build_quantized(raw, read_weights(folder), dtype, device, folder=folder)
 
 
 def load_folder(folder, dtype: torch.dtype = torch.float32,
@@ -180,9 +173,8 @@ def load_folder(folder, dtype: torch.dtype = torch.float32,
     fmt = detect_format(raw)
     cfg = model_config(raw, fmt)
     sd = read_weights(folder)
-    if fmt == "hf" and "tie_word_embeddings" not in raw and LM_HEAD in sd and _major(raw) >= 5:
-        # transformers 5.x no longer writes tie_word_embeddings for Mamba and keeps the head it
-        # saved separate: where its config is silent, the weights say whether the head is tied
-        # (a 4.x config that is silent means tied, its default)
-        cfg = dataclasses.replace(cfg, tie_embeddings=torch.equal(sd[LM_HEAD], sd[EMBEDDINGS]))
+    if fmt == "hf":                     # 5.x configs may be silent on tying (hf_compat.tied_head)
+        tie = tied_head(raw, sd, cfg.tie_embeddings, LM_HEAD, EMBEDDINGS)
+        if tie != cfg.tie_embeddings:
+            cfg = dataclasses.replace(cfg, tie_embeddings=tie)
     return build_model(cfg, sd, dtype, device, f"the weights in {folder}"), fmt, raw

@@ -1,0 +1,1 @@
+"""Written references the tests take their truth from (see mamba_ref)."""
