@@ -1,6 +1,7 @@
 """ESR (qmamba.methods.esr) and its state simulations (qmamba.quant.sim) on tiny perturbed models:
-the simulations against the exact quantized recurrence, reconstruction that never makes a block
-worse and really moves the learned scales, and the block-by-block device handling."""
+the simulations against the exact quantized recurrence, reconstruction that lowers each block's
+error (and is undone where it would raise it), recorded errors recomputed from the finished
+model, and the block-by-block device handling."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 
 from qmamba.errors import QMambaError
 from qmamba.methods.esr import ESRConfig, reconstruct
+from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.apply import install_quantizers
 from qmamba.quant.calibrate import run_calibration
 from qmamba.quant.sim import SIMS, StateSim
+from qmamba.quant.state import StateQuantizer
 from qmamba.quantize import quantize, resolve_config
 
 from test_methods import ARCHS, CALIB, IDS, rel_err, tiny
@@ -106,20 +109,47 @@ def test_every_simulation_is_differentiable_in_the_state_scales(sim):
     assert q.static_scale.grad is not None and q.static_scale.grad.abs().sum() > 0
 
 
+def float_copy(model):
+    """A copy of a calibrated model with every quantizer off: the float blocks ESR targets."""
+    fp = copy.deepcopy(model)
+    for m in fp.modules():
+        if isinstance(m, (ActQuantizer, StateQuantizer)):
+            m.mode = "off"
+    return fp
+
+
+def block_errors(fp, model, nsamples: int = 8, seqlen: int = 32) -> list[float]:
+    """Recomputed here from the finished model: for each block, the MSE of its exact output on
+    the quantized model's own input against the float block's output on the float input (the
+    quantity ESR records as mse_after)."""
+    ids = CALIB[:nsamples, :seqlen]
+    errs = []
+    with torch.no_grad():
+        x_fp = fp.backbone.embeddings(ids).float()
+        x_q = x_fp.clone()
+        for block_fp, block_q in zip(fp.backbone.layers, model.backbone.layers):
+            x_fp, x_q = block_fp(x_fp).float(), block_q(x_q).float()
+            errs.append(torch.nn.functional.mse_loss(x_q, x_fp).item())
+    return errs
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("sim", ["chunk", "exact"])
-def test_reconstruction_never_makes_a_block_worse(arch, sim):
+def test_reconstruction_lowers_every_block_error(arch, sim):
+    """Two epochs of ESR lower every block's error against its float target on these models
+    (measured by 5-13%: after / before 0.87-0.95), the learned s_n move, and the recorded errors
+    are what the finished model computes block by block."""
     model, qcfg = calibrated(arch, state_scale="static")
+    fp = float_copy(model)
     s_n0 = [m.mixer.state_quant.s_n.detach().clone() for m in model.backbone.layers]
     records = reconstruct(model, qcfg, CALIB, ESRConfig(sim=sim, nsamples=8, seqlen=32, epochs=2, lr=2e-2,
                                                         chunk=8), progress=False)
     assert [r["block"] for r in records] == list(range(model.config.n_layer))
-    for r in records:
-        assert r["mse_after"] <= r["mse_before"]
-    kept = [i for i, r in enumerate(records) if r["kept"]]
-    assert kept, "ESR improved no block"
-    for i in kept:                                     # a kept block's learned s_n moved
-        assert not torch.equal(model.backbone.layers[i].mixer.state_quant.s_n, s_n0[i])
+    for r, layer, s_n in zip(records, model.backbone.layers, s_n0):
+        assert r["kept"] and r["mse_after"] < 0.98 * r["mse_before"], r
+        assert not torch.equal(layer.mixer.state_quant.s_n, s_n)
+    for r, err in zip(records, block_errors(fp, model)):
+        assert err == pytest.approx(r["mse_after"], rel=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -176,6 +206,7 @@ def test_a_reconstruction_that_hurts_is_undone():
     """A learning rate far too large makes training worse; those blocks keep their calibrated
     parameters and their error."""
     model, qcfg = calibrated("mamba2", state_scale="static")
+    fp = float_copy(model)
     s_n0 = [m.mixer.state_quant.s_n.detach().clone() for m in model.backbone.layers]
     records = reconstruct(model, qcfg, CALIB, ESRConfig(sim="chunk", nsamples=8, seqlen=32, epochs=1, lr=50.0,
                                                         chunk=8), progress=False)
@@ -184,3 +215,6 @@ def test_a_reconstruction_that_hurts_is_undone():
     for i in undone:
         assert records[i]["mse_after"] == records[i]["mse_before"]
         assert torch.equal(model.backbone.layers[i].mixer.state_quant.s_n, s_n0[i])
+    # the finished model computes the recorded (restored) errors
+    for r, err in zip(records, block_errors(fp, model)):
+        assert err == pytest.approx(r["mse_after"], rel=1e-4)
