@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .intmm import blockwise_linear, weight_only
+from .linear import check_codes
 from .primitives import quantize, symmetric_scale
 
 HEAD_BITS = 8
@@ -28,6 +29,13 @@ class QEmbedding(nn.Module):
         m.scale.copy_(symmetric_scale(w.float().abs().amax(1, keepdim=True), HEAD_BITS))
         m.codes.copy_(quantize(w.float(), m.scale, HEAD_BITS))
         return m
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading checks the codes: symmetric 8-bit, -128 refused (`check_codes`)."""
+        t = state_dict.get(prefix + "codes")
+        if t is not None and t.dtype == torch.int8 and t.shape == self.codes.shape:
+            check_codes(prefix + "codes", t, HEAD_BITS, t.shape[-1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, ids: Tensor) -> Tensor:
         return (F.embedding(ids, self.codes).float() * F.embedding(ids, self.scale)).to(self.dtype)

@@ -58,9 +58,19 @@ def supports_int(lin: QLinear) -> bool:
     return aq.bits == 8 and aq.mode == "quant"
 
 
+# int32 sums over at most this many columns cannot overflow: |codes| <= 127 (activations are
+# clamped there, weight codes checked at load), 127 * 127 * 131072 = 2,114,060,288 < 2**31 - 1
+INT32_SAFE_K = 131072
+
+
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """(m, k) int8 @ (k, n) int8 -> (m, n) int32; pads m to 17 rows on CUDA (its minimum)."""
-    m = a.shape[0]
+    """(m, k) int8 @ (k, n) int8 -> (m, n) integer sums, exact for any k: int32 (torch._int_mm) up
+    to INT32_SAFE_K columns, above that int64 sums of int32 chunks. Pads m to 17 rows on CUDA
+    (its minimum)."""
+    m, k = a.shape
+    if k > INT32_SAFE_K:
+        return sum(int_mm(a[:, i:i + INT32_SAFE_K].contiguous(), b[i:i + INT32_SAFE_K]).long()
+                   for i in range(0, k, INT32_SAFE_K))
     if a.is_cuda and m <= 16:
         a = F.pad(a, (0, 0, 0, 17 - m))
     return torch._int_mm(a, b)[:m]
@@ -105,6 +115,8 @@ def linear_int(lin: QLinear, x: Tensor) -> Tensor:
     q_x = torch.round(x2 / s_x).clamp(-127, 127).to(torch.int8)
     if lin.group_size:
         gs = lin.group_size
+        if codes.shape[1] % gs:             # QLinear refuses it; never drop the last columns
+            raise ValueError(f"group size {gs} does not divide the {codes.shape[1]} input features")
         y = 0
         for g in range(codes.shape[1] // gs):
             acc = int_mm(q_x[:, g * gs:(g + 1) * gs].contiguous(), codes[:, g * gs:(g + 1) * gs].t())

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import QMambaError
 from .activation import ActQuantizer
 from .primitives import pack, qrange, quantize, symmetric_scale, to_groups, unpack
 
@@ -45,11 +46,32 @@ def dequantize_weight(q: Tensor, scale: Tensor, group_size: int, dtype=torch.flo
     return q.to(dtype) * scale.to(dtype)
 
 
+def check_codes(name: str, stored: Tensor, bits: int, size: int, rows: int = 4096) -> None:
+    """Refuse stored weight codes (as `pack` stores them, `size` codes a row) outside the
+    symmetric range [-qmax, qmax] of `bits`, e.g. -128 at 8 bits: qmamba never writes them, and
+    the C kernel's int8 product cannot negate -128 (integer and simulated runs would differ).
+    One QMambaError line naming the tensor; rows are unpacked a block at a time."""
+    if stored.device.type == "meta" or stored.numel() == 0:
+        return
+    qmax = qrange(bits)[1]
+    for i in range(0, stored.shape[0], rows):
+        q = unpack(stored[i:i + rows], bits, size)
+        lo, hi = int(q.min()), int(q.max())
+        if lo < -qmax or hi > qmax:
+            bad = lo if lo < -qmax else hi
+            raise QMambaError(f"tensor {name} holds the code {bad}, outside the range [-{qmax}, {qmax}] of "
+                              f"symmetric {bits}-bit codes that qmamba writes (and its integer kernels "
+                              "need): the checkpoint is damaged or was not written by qmamba")
+
+
 class QLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, w_bits: Optional[int],
                  group_size: int = 0, input_quant: Optional[ActQuantizer] = None,
                  dtype=torch.float32, device=None):
         super().__init__()
+        if w_bits is not None and group_size and in_features % group_size:
+            raise ValueError(f"weight group size {group_size} does not divide the {in_features} input "
+                             "features (the last columns would have no scale); use per-channel scales")
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.group_size = w_bits, group_size
         self.input_quant = input_quant if input_quant is not None else nn.Identity()
@@ -133,6 +155,15 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         w = "float" if self.w_bits is None else f"W{self.w_bits}" + (f" g{self.group_size}" if self.group_size else "")
         return f"in={self.in_features}, out={self.out_features}, {w}, bias={self.bias is not None}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading (checkpoints included) checks the weight codes first: see `check_codes`."""
+        key = prefix + "qweight"
+        if self.w_bits is not None and key in state_dict:
+            t = state_dict[key]
+            if t.dtype == self.qweight.dtype and t.shape == self.qweight.shape:    # else: a shape error
+                check_codes(key, t, self.w_bits, self.in_features)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def codes(self) -> Tensor:
         """Weight codes (out, in) int8."""

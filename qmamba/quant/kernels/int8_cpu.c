@@ -7,6 +7,15 @@
  *             The int8 x int8 products use the AVX2 idiom |x| (unsigned) x sign(x)*w (signed)
  *             -> vpmaddubsw (pairs, int16; no saturation since |codes| <= 127) -> vpmaddwd
  *             (int32), as llama.cpp's Q8_0 dot product does.
+ *             Weight codes must be in [-127, 127]: vpsignb cannot negate -128 (it stays -128,
+ *             so a product with a negative activation gets the wrong sign); qmamba's symmetric
+ *             codes never hold it and loading refuses a checkpoint that does (linear.py).
+ *             Bound: activations are in [-127, 127] (i8_linear_f32 clamps there), so one
+ *             product is at most 127 * 127 = 16129 in magnitude, a vpmaddubsw pair 32258 (no
+ *             int16 saturation), and the int32 lanes wrap harmlessly (two's complement) as long
+ *             as the total fits in int32: 16129 K < 2^31, K <= 133,144. Columns are therefore
+ *             summed in int32 over chunks of at most CHUNK (65536) and the chunks in int64, so
+ *             any K is exact (even with an activation code of -128: 128 * 127 * 65536 < 2^31).
  * f32i8_linear: out[m, n] = s[n] * sum_k x[m, k] * w[n, k]   (float activations, int8 weights;
  *             the 8-bit lm_head, whose input is not quantized)
  *
@@ -49,10 +58,12 @@ static inline __m256i dot_i8(const int8_t *x, const int8_t *w, int64_t len, __m2
     return acc;
 }
 
+#define CHUNK 65536                          /* columns summed in int32 at most (see the bound above) */
+
 void i8_linear(int64_t M, int64_t N, int64_t K, const int8_t *x, const float *sx,
                const int8_t *w, const float *sw, int64_t gs, const float *bias, float *out,
                int nthreads) {
-    const int64_t G = K / gs;
+    const int64_t G = K / gs;                /* the caller checks that gs divides K */
     const __m256i ones = _mm256_set1_epi16(1);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
@@ -61,28 +72,31 @@ void i8_linear(int64_t M, int64_t N, int64_t K, const int8_t *x, const float *sx
             const int8_t *xm = x + m * K;
             float y[4] = {0, 0, 0, 0};
             for (int64_t g = 0; g < G; g++) {
-                const int8_t *xg = xm + g * gs;
-                if (nr == 4 && gs % 32 == 0) {       /* four rows at once: one x load, four chains */
-                    const int8_t *w0 = w + n0 * K + g * gs, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-                    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-                    for (int64_t k = 0; k < gs; k += 32) {
-                        __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + k));
-                        __m256i ax = _mm256_sign_epi8(xv, xv);
+                int64_t t[4] = {0, 0, 0, 0};
+                for (int64_t c0 = 0; c0 < gs; c0 += CHUNK) {
+                    const int64_t len = gs - c0 < CHUNK ? gs - c0 : CHUNK;
+                    const int8_t *xg = xm + g * gs + c0;
+                    if (nr == 4 && len % 32 == 0) {  /* four rows at once: one x load, four chains */
+                        const int8_t *w0 = w + n0 * K + g * gs + c0, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+                        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                        for (int64_t k = 0; k < len; k += 32) {
+                            __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + k));
+                            __m256i ax = _mm256_sign_epi8(xv, xv);
 #define DOT(p, a) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, \
                       _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)((p) + k)), xv)), ones))
-                        DOT(w0, a0); DOT(w1, a1); DOT(w2, a2); DOT(w3, a3);
+                            DOT(w0, a0); DOT(w1, a1); DOT(w2, a2); DOT(w3, a3);
 #undef DOT
-                    }
-                    const float *s = sw + n0 * G + g;
-                    y[0] += s[0] * (float)hsum_i32(a0);     y[1] += s[G] * (float)hsum_i32(a1);
-                    y[2] += s[2 * G] * (float)hsum_i32(a2); y[3] += s[3 * G] * (float)hsum_i32(a3);
-                } else {
-                    for (int64_t r = 0; r < nr; r++) {
-                        int32_t tail = 0;
-                        __m256i acc = dot_i8(xg, w + (n0 + r) * K + g * gs, gs, _mm256_setzero_si256(), &tail);
-                        y[r] += sw[(n0 + r) * G + g] * (float)(hsum_i32(acc) + tail);
+                        }
+                        t[0] += hsum_i32(a0); t[1] += hsum_i32(a1); t[2] += hsum_i32(a2); t[3] += hsum_i32(a3);
+                    } else {
+                        for (int64_t r = 0; r < nr; r++) {
+                            int32_t tail = 0;
+                            __m256i acc = dot_i8(xg, w + (n0 + r) * K + g * gs + c0, len, _mm256_setzero_si256(), &tail);
+                            t[r] += (int64_t)hsum_i32(acc) + tail;
+                        }
                     }
                 }
+                for (int64_t r = 0; r < nr; r++) y[r] += sw[(n0 + r) * G + g] * (float)t[r];
             }
             for (int64_t r = 0; r < nr; r++)
                 out[m * N + n0 + r] = sx[m] * y[r] + (bias ? bias[n0 + r] : 0.0f);
@@ -244,9 +258,14 @@ static inline void pack16(__m256 a, __m256 b, uint8_t *p) {
  * per head, repeated per channel) or n (Mamba1); x, dt, y (b, l, d); B, C (b, l, g, n) with
  * d / g channels per group. Each (sequence, channel) row runs all l tokens on one thread, its n
  * state values in a buffer. The per-channel state quantizer is this with s_n = 1. Products and
- * quotients are rounded as PyTorch's eager ops round them (no fused multiply-add), so the codes
- * match the reference except where exp differs in the last bit and a value sits on a rounding
- * boundary. 8 lanes at a time where n % 16 == 0, scalar otherwise.
+ * quotients are rounded as PyTorch's eager ops round them, one rounding per operation in the
+ * eager order: no fused multiply-add, neither written here nor made by the compiler (this file
+ * is built with -ffp-contract=off: gcc's default would fuse `dA * h + dtx * B` and the vector
+ * mul/add pairs). So the codes and scales equal the eager cache's bit for bit given the same
+ * exp(dt A), which is the only approximation here: per-state decays (nA = n) use `exp8` for
+ * each full block of 8 and expf for the rest of the row, per-head decays (nA = 1) expf;
+ * PyTorch's exp may differ in the last bit and move a value across a rounding boundary.
+ * 8 lanes at a time where n % 16 == 0, scalar otherwise.
  */
 void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA, uint8_t *codes,
               uint16_t *scales, const float *x, const float *dt, const float *A, const float *B,
