@@ -189,3 +189,30 @@ def test_shipped_texts_format():
         assert text.endswith("\n") and not text.endswith("\n\n")
         assert "\n\n\n" not in text and "_" not in text
         assert all(p and p == p.strip() and "\n" not in p for p in text[:-1].split("\n\n"))
+
+
+bh = _load("build_heldout")
+
+
+def test_heldout_normalize_keeps_lines_and_collapses_blank_runs():
+    assert bh.normalize("\n\nAct I.\r\n\r\n\r\n  Ber.  \nWho's there?\t\n\n\n") == "Act I.\n\n  Ber.\nWho's there?"
+    assert bh.join(["a", "b", "c"], max_chars=4) == "a\n\nb\n"      # whole documents until the cap
+
+
+@pytest.mark.parametrize("name", sorted(bh.OUTPUT_SHA256))
+def test_shipped_heldout_texts_are_the_pinned_build(name):
+    import hashlib
+
+    data = (ASSETS / "text" / f"{name}.txt").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == bh.OUTPUT_SHA256[name]
+    text = data.decode("utf-8")
+    assert text.endswith("\n") and not text.endswith("\n\n") and "\n\n\n" not in text
+
+
+def test_heldout_dev_and_test_share_no_document():
+    for source in ("drama", "tech"):
+        dev = (ASSETS / "text" / f"ood_{source}_dev.txt").read_text(encoding="utf-8")
+        test = (ASSETS / "text" / f"ood_{source}_test.txt").read_text(encoding="utf-8")
+        long_lines = {ln for ln in test.splitlines() if len(ln) > 60}
+        shared = long_lines & {ln for ln in dev.splitlines() if len(ln) > 60}
+        assert len(shared) <= 0.01 * len(long_lines), sorted(shared)[:3]
