@@ -297,13 +297,26 @@ def test_qlinear_dequantized_weight_within_half_step():
         assert ((m.dequantized_weight() - lin.weight).abs() <= bound(s, lin.weight)).all()
 
 
-def test_qlinear_int4_with_odd_input_dim():
-    lin = nn.Linear(3, 4, bias=False)
-    try:
-        m = QLinear.from_linear(lin, 4)
-    except QMambaError:
-        return                              # a clear user-facing error would also do
-    assert ((m.dequantized_weight() - lin.weight).abs() <= bound(m.w_scale, lin.weight)).all()
+@pytest.mark.parametrize("bits, in_features", [(4, 3), (4, 7), (3, 5), (2, 5)])
+def test_qlinear_packed_codes_with_odd_input_dim(bits, in_features):
+    """An odd input size at <= 4 bits (weights: two codes per byte, the checkpoint format) is
+    padded with a zero code in the last byte: stored in ceil(in / 2) bytes, the padding
+    dropped on unpacking, the codes those of the unpadded weight, the product that of the
+    dequantized weight."""
+    torch.manual_seed(0)
+    lin = nn.Linear(in_features, 4, bias=True)
+    m = QLinear.from_linear(lin, bits)
+    per_byte = 2
+    assert m.qweight.dtype == torch.uint8 and m.qweight.shape == (4, -(-in_features // per_byte))
+    qmax = 2 ** (bits - 1) - 1
+    codes = torch.clamp(torch.round(lin.weight.detach() / m.w_scale), -qmax, qmax)   # (4, in)
+    assert torch.equal(unpack(m.qweight, bits, in_features).float(), codes)
+    padding = unpack(m.qweight, bits)[:, in_features:]
+    assert padding.shape[1] == (-in_features) % per_byte and (padding == 0).all()
+    w = m.dequantized_weight()
+    assert w.shape == lin.weight.shape and ((w - lin.weight).abs() <= bound(m.w_scale, lin.weight)).all()
+    x = torch.randn(3, in_features)
+    assert torch.allclose(m(x), nn.functional.linear(x, w, lin.bias), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- activations
