@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..errors import QMambaError
 from ..utils.io import read_json
+from .budget import check_model_fits
 from .config import ModelConfig, from_hf_dict, from_mamba_ssm_dict
 from .hf_compat import tied_head
 from .lm import MambaLM
@@ -168,6 +169,7 @@ def load_folder(folder, dtype: torch.dtype = torch.float32,
     """Model folder -> (model in eval mode, format 'hf' | 'mamba_ssm', raw config.json)."""
     folder = Path(folder)
     raw = read_config(folder)
+    check_model_fits(folder, raw, dtype, device)        # an absurd config.json fails here, in one line
     if "quantization_config" in raw:
         return _load_quantized(folder, raw, dtype, device), "hf", raw
     fmt = detect_format(raw)
