@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import qmamba
@@ -164,11 +163,24 @@ def test_missing_text_file(tokenizer, tmp_path):
         tokenize_text_file(tmp_path, tokenizer)
 
 
-def test_cross_entropy_reference_agrees_with_manual(tiny_mamba2, text_file):
-    """The transformers loss used above is the plain shifted cross-entropy."""
-    hf, folder = tiny_mamba2
-    w = windows(tokenize_text_file(text_file, qmamba.load(folder).tokenizer), 64, 64)
+def test_perplexity_is_the_shifted_nll_written_out(tiny_mamba2, text_file):
+    """qmamba's perplexity (batched) on its own model is the mean next-token NLL written out
+    here: log-softmax in float64 and a gather, position t of a window predicting token t + 1 of
+    the same window, nothing predicted for the first token; and a wrong shift would be seen."""
+    loaded = qmamba.load(tiny_mamba2[1])
+    ids = tokenize_text_file(text_file, loaded.tokenizer)
+    seqlen, n = 64, 5
+    ours = perplexity(loaded.model, ids, seqlen=seqlen, max_tokens=seqlen * n + 7, batch_size=2, progress=False)
+    w = ids[: seqlen * n].reshape(n, seqlen)
     with torch.no_grad():
-        logits = hf(w).logits
-    manual = F.cross_entropy(logits[0, :-1], w[0, 1:]).item()
-    assert transformers_nll(hf, w) == pytest.approx(manual, rel=1e-6)
+        logp = torch.log_softmax(loaded.model(w).double(), dim=-1)                  # (n, seqlen, vocab)
+
+    def nll(shift: int) -> float:
+        """Mean NLL when position t predicts token t + shift."""
+        return -logp[:, : seqlen - shift].gather(-1, w[:, shift:, None]).mean().item()
+
+    assert ours["windows"] == n and ours["tokens"] == n * (seqlen - 1)
+    assert ours["nll"] == pytest.approx(nll(1), rel=1e-5)                             # a mean: relative
+    assert ours["perplexity"] == pytest.approx(math.exp(nll(1)), rel=1e-5)
+    for wrong in (0, 2):
+        assert abs(nll(wrong) - nll(1)) > 100 * 1e-5 * nll(1)
