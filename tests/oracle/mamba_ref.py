@@ -107,10 +107,11 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
 
 
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                       z: Optional[Tensor] = None) -> Tensor:
+                       z: Optional[Tensor] = None, state_fn=None) -> Tensor:
     """selective_scan_interface.py selective_scan_ref, sequential. u, delta (b, l, d) (delta
     already through bias and softplus); A (d, n); B, C (b, l, g, n), channel c reads group
-    c // (d / g); D (d,). Returns (b, l, d)."""
+    c // (d / g); D (d,). Returns (b, l, d). `state_fn` (not in mamba_ssm): applied to the state
+    after every update (h = state_fn(h), e.g. a state quantizer), for quantized recurrences."""
     b, length, d = u.shape
     g, n = B.shape[-2:]
     per = d // g
@@ -120,6 +121,8 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     ys = []
     for t in range(length):
         h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * Bd[:, t]
+        if state_fn is not None:
+            h = state_fn(h)
         ys.append((h * Cd[:, t]).sum(-1))
     y = torch.stack(ys, dim=1) + u * D
     return y if z is None else y * F.silu(z)
