@@ -43,10 +43,17 @@ def test_eval_writes_json(tiny_mamba2, text_file, tmp_path, capsys):
     assert result["seqlen"] == 64 and result["dtype"] == "float32" and result["device"] == "cpu"
     assert result["qmamba_version"] == qmamba.__version__ and result["torch_version"] == torch.__version__
     assert "tasks" not in result
+    # the oracle: qmamba.eval.perplexity on the same model and text, with the CLI's default batch
+    # of 8 windows: the same code path in the same process, so the same bits
     loaded = qmamba.load(tiny_mamba2[1])
-    direct = perplexity(loaded.model, tokenize_text_file(text_file, loaded.tokenizer), seqlen=64, progress=False)
-    assert result["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-9)
-    assert result["tokens"] == direct["tokens"] == direct["windows"] * 63
+    ids = tokenize_text_file(text_file, loaded.tokenizer)
+    direct = perplexity(loaded.model, ids, seqlen=64, batch_size=8, progress=False)
+    for key in ("perplexity", "nll", "tokens", "windows", "seqlen", "text_tokens"):
+        assert result[key] == direct[key], key
+    assert result["tokens"] == direct["windows"] * 63 and result["text_tokens"] == ids.numel()
+    # ... and, one window per forward pass, the same figure up to float rounding of a mean NLL
+    one = perplexity(loaded.model, ids, seqlen=64, batch_size=1, progress=False)
+    assert result["nll"] == pytest.approx(one["nll"], rel=1e-5)
     stdout = capsys.readouterr().out
     assert f"perplexity {direct['perplexity']:.4f}" in stdout
     assert not list(out.parent.glob(".*tmp"))                     # no temp file left behind
@@ -60,6 +67,15 @@ def test_eval_options(tiny_mamba1, text_file, tmp_path):
     result = json.loads(out.read_text())
     assert result["windows"] == 3 and result["tokens"] == 3 * 31 and result["max_tokens"] == 100
     assert result["dtype"] == "bfloat16"
+    # the oracle: the model loaded in bfloat16, the same windows and batches
+    ids = tokenize_text_file(text_file, qmamba.load(tiny_mamba1[1]).tokenizer)
+    bf16 = qmamba.load(tiny_mamba1[1], dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    direct = perplexity(bf16.model, ids, seqlen=32, max_tokens=100, batch_size=2, progress=False)
+    assert (result["perplexity"], result["nll"]) == (direct["perplexity"], direct["nll"])
+    fp32 = perplexity(qmamba.load(tiny_mamba1[1]).model, ids, seqlen=32, max_tokens=100, batch_size=2,
+                      progress=False)
+    assert result["nll"] != fp32["nll"]                               # --dtype took effect
 
 
 def test_eval_defaults_to_reference_model_and_test_text(tiny_mamba2, text_file, tmp_path, monkeypatch):
@@ -74,6 +90,10 @@ def test_eval_defaults_to_reference_model_and_test_text(tiny_mamba2, text_file, 
     assert main(["eval", "--seqlen", "64", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["model"] == "ref-mamba2" and result["file"] == str(text_file)
+    loaded = qmamba.load(refs / api.DEFAULT_MODEL)
+    direct = perplexity(loaded.model, tokenize_text_file(text_file, loaded.tokenizer), seqlen=64, batch_size=8,
+                        progress=False)
+    assert result["perplexity"] == direct["perplexity"]
 
 
 def _fake_harness(monkeypatch, calls):
@@ -106,7 +126,11 @@ def test_eval_tasks_and_ppl(tiny_mamba2, text_file, tmp_path, monkeypatch):
     assert main(["eval", str(tiny_mamba2[1]), "--ppl", str(text_file), "--seqlen", "64",
                  "--tasks", "cloze", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert "perplexity" in result and result["tasks"] == {"cloze": {"acc": 0.5}}
+    assert result["tasks"] == {"cloze": {"acc": 0.5}}
+    loaded = qmamba.load(tiny_mamba2[1])
+    direct = perplexity(loaded.model, tokenize_text_file(text_file, loaded.tokenizer), seqlen=64, batch_size=8,
+                        progress=False)
+    assert result["perplexity"] == direct["perplexity"] and result["tokens"] == direct["tokens"]
 
 
 # ----------------------------------------------------------------------------- generation
