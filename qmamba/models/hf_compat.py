@@ -45,11 +45,11 @@ def parse_version(text: str) -> tuple[int, ...]:
     """'5.23.0.dev0' -> (5, 23, 0); unparsable parts stop the tuple ((0,) if none parse)."""
     out = []
     for part in text.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        digits = part[:len(part) - len(part.lstrip("0123456789"))]         # leading digits
         if not digits:
             break
         out.append(int(digits))
-        if not part.isdigit():
+        if digits != part:                                                  # "0rc1", "0dev0"
             break
     return tuple(out) or (0,)
 
