@@ -33,6 +33,8 @@ class ModelConfig:
     chunk_size: int = 256
     dt_limit: tuple = (0.0, float("inf"))
     norm_group_size: int = 0           # gated RMSNorm group (channels); 0 = d_inner / ngroups (mamba_ssm)
+    gated_norm_eps: Optional[float] = None  # gated RMSNorm eps; None = norm_eps (transformers);
+                                            # mamba_ssm's Mamba2 always uses 1e-5
     # both
     conv_bias: bool = True
     bias: bool = False
@@ -58,6 +60,8 @@ class ModelConfig:
                 self.norm_group_size = self.default_norm_group_size
             if self.norm_group_size <= 0 or self.d_inner % self.norm_group_size:
                 raise QMambaError(f"gated norm group size {self.norm_group_size} does not divide d_inner {self.d_inner}")
+            if self.gated_norm_eps is None:
+                self.gated_norm_eps = self.norm_eps
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
         if not self.model_type:
             self.model_type = "mamba" if self.arch == "mamba1" else "mamba2"
@@ -113,6 +117,8 @@ class ModelConfig:
             )
             if self.norm_group_size != self.default_norm_group_size:     # an explicit override only
                 common["qmamba_norm_group_size"] = self.norm_group_size
+            if self.gated_norm_eps != self.norm_eps:                          # mamba_ssm sources only
+                common["qmamba_gated_norm_eps"] = self.gated_norm_eps
         return {**self.extra, **common}
 
 
@@ -158,7 +164,9 @@ def from_hf_dict(cfg: dict) -> ModelConfig:
                 chunk_size=int(cfg.get("chunk_size", 256)), dt_limit=tuple(_float(v) for v in limit),
                 # per group, as mamba_ssm (and transformers >= 5.23; older ones normalised over all
                 # of d_inner: a wrong function for n_groups > 1, see hf_compat) unless overridden
-                norm_group_size=int(cfg.get("qmamba_norm_group_size", 0)), **common,
+                norm_group_size=int(cfg.get("qmamba_norm_group_size", 0)),
+                gated_norm_eps=_float(cfg["qmamba_gated_norm_eps"]) if "qmamba_gated_norm_eps" in cfg else None,
+                **common,
             )
     except (KeyError, TypeError, ValueError) as e:
         raise QMambaError(f"config.json ({mt}) is missing or has a bad value: {e}") from None
@@ -206,7 +214,9 @@ def from_mamba_ssm_dict(cfg: dict) -> ModelConfig:
                 ngroups=ngroups, chunk_size=int(ssm.get("chunk_size", 256)),
                 dt_limit=tuple(float(v) for v in ssm.get("dt_limit", (0.0, float("inf")))),
                 # mamba_ssm normalises each group on its own (RMSNormGated group_size = d_ssm / ngroups)
-                norm_group_size=d_inner // ngroups, **common,
+                norm_group_size=d_inner // ngroups,
+                gated_norm_eps=1e-5,            # Mamba2 builds RMSNormGated(eps=1e-5), whatever norm_epsilon
+                **common,
             )
         raise QMambaError(f"unknown mamba_ssm layer {layer!r}; supported: Mamba1, Mamba2")
     except (KeyError, TypeError, ValueError) as e:

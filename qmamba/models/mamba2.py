@@ -35,7 +35,7 @@ class Mamba2Mixer(MixerBase):
         self.dt_bias = nn.Parameter(torch.zeros(self.nheads))
         self.A_log = nn.Parameter(torch.zeros(self.nheads))
         self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = GatedRMSNorm(d, cfg.norm_group_size, eps=cfg.norm_eps)
+        self.norm = GatedRMSNorm(d, cfg.norm_group_size, eps=cfg.gated_norm_eps)
         self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
         self._init_quant_points()
 

@@ -123,6 +123,7 @@ def save_mamba_ssm(hf, folder: Path) -> Path:
     config = dict(d_model=c.hidden_size, d_intermediate=0, n_layer=c.num_hidden_layers,
                   vocab_size=c.vocab_size, ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={},
                   rms_norm=True, residual_in_fp32=c.residual_in_fp32, fused_add_norm=True,
+                  norm_epsilon=c.layer_norm_epsilon,
                   pad_vocab_size_multiple=PAD_MULTIPLE, tie_embeddings=tied(hf))
     pad = -c.vocab_size % PAD_MULTIPLE
     sd = {}
@@ -268,6 +269,22 @@ def test_mamba_ssm_folder(case, parity_log, tmp_path):
     own = lm_logits(spec_from_hf(hf.config), sd, ids)[..., :hf.config.vocab_size]
     assert logit_errors(ref, own)[1] < 1e-12
     check_paths(name, "mamba_ssm", loaded.model, ids, ref, parity_log, vocab=hf.config.vocab_size, tol=tol)
+
+
+def test_mamba_ssm_gated_norm_eps(hf_factory, tmp_path, parity_log):
+    """mamba_ssm's Mamba2 builds its gated norm with eps=1e-5 whatever norm_epsilon says (the
+    block norms use norm_epsilon); the value survives a save in transformers' format."""
+    hf = hf_factory("mamba2", seed=8, n_groups=2, layer_norm_epsilon=0.1)
+    ids = torch.randint(0, hf.config.vocab_size, (BATCH, 21), generator=torch.Generator().manual_seed(6))
+    spec = dataclasses.replace(spec_from_hf(hf.config), gated_norm_eps=1e-5)
+    ref = lm_logits(spec, hf.state_dict(), ids)
+    assert logit_errors(ref, lm_logits(spec_from_hf(hf.config), hf.state_dict(), ids))[1] > 1e-3
+    model = qmamba.load(save_mamba_ssm(hf, tmp_path / "ssm")).model
+    assert (model.config.norm_eps, model.config.gated_norm_eps) == (0.1, 1e-5)
+    with torch.no_grad():
+        check("m2-eps0.1", "mamba_ssm", "forward", model(ids), ref, parity_log, vocab=hf.config.vocab_size)
+    raw = model.config.to_hf()
+    assert raw["qmamba_gated_norm_eps"] == 1e-5 and from_hf_dict(raw).gated_norm_eps == 1e-5
 
 
 @pytest.mark.parametrize("limit", [(0.0, float("inf")), (0.0, 0.5)])
