@@ -6,10 +6,17 @@ the quantizers are re-installed from `quantization_config` (the same `install_qu
 `quantize_weights` that made them, run on meta tensors, so shapes and dtypes match by
 construction), then the tensors are assigned (`load_state_dict(assign=True)`, the gpt-fast
 pattern). Reloading gives the same logits bit for bit.
+
+On disk (format_version 2, `qmamba.formats.compressed_tensors`): compressed-tensors, which
+transformers and vLLM load (with a float state and without the mixer-internal quantizers), plus
+qmamba's extension (quantization_config["qmamba"] and qmamba-extension.safetensors); see
+docs/checkpoint-format.md. Folders of format_version 1 (quant_method "qmamba", qweight tensors
+in model.safetensors) still load.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,9 +25,10 @@ import torch
 
 from .. import __version__
 from ..errors import QMambaError
+from ..formats import compressed_tensors as ct
 from ..models.config import from_hf_dict
 from ..models.lm import MambaLM
-from ..models.save import save_model, state_dict_for_save
+from ..models.save import atomic_folder, state_dict_for_save
 from .apply import install_quantizers, quantize_weights
 from .config import FORMAT_VERSION, QuantConfig
 
@@ -29,19 +37,68 @@ SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale")   # kept in float3
 
 
 def quantization_config(model: MambaLM) -> dict:
+    """The qmamba part of a checkpoint's quantization_config (format_version 1 wrote it as the
+    whole quantization_config; format_version 2 nests it under the key "qmamba")."""
     qcfg: QuantConfig = model.quant_config
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "qmamba_version": __version__,
             "method": model.quant_method, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **qcfg.to_dict(), **getattr(model, "quant_meta", {})}
 
 
+def export_tensors(model: MambaLM) -> tuple[dict, dict, dict]:
+    """(model.safetensors tensors, extension tensors, config.json's quantization_config)."""
+    main, ext, info = ct.export(model, state_dict_for_save(model))
+    qm = quantization_config(model)
+    qm.update(format_version=ct.FORMAT_VERSION, extension_file=ct.EXTENSION_FILE,
+              rotated_float_in_main=info["rotated"],
+              not_in_compressed_tensors=_not_expressed(model))
+    return main, ext, {**info["fields"], ct.EXTENSION_KEY: qm}
+
+
+def _not_expressed(model: MambaLM) -> list[str]:
+    """What other loaders do not apply (they run the rest)."""
+    qcfg = model.quant_config
+    out = []
+    if qcfg.a_bits is not None:
+        out.append("mixer-internal activation quantizers (quant_conv, quant_x, quant_B, quant_C, quant_dt, "
+                   "quant_z) and the int8 conv state")
+    if qcfg.h_bits is not None:
+        out.append(f"the H{qcfg.h_bits} SSM state ({qcfg.state_quant}, {qcfg.state_scale} scales)")
+    if model.quant_method == "quamba" and qcfg.w_bits is not None:
+        out.append("the Hadamard rotation of out_proj's input (out_proj is stored dequantized and "
+                   "un-rotated in float for other loaders, without input quantization)")
+    return out
+
+
 def save_quantized(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force: bool = False) -> Path:
-    """Write a quantized model (integer tensors + scales + float rest) atomically to `out`."""
+    """Write a quantized model atomically to `out`: compressed-tensors + qmamba's extension."""
+    from ..models import save as save_module        # its save_file: tests replace it to fail a save
+
     if not hasattr(model, "quant_config"):
         raise QMambaError("this model is not quantized; run qmamba.quantize first")
-    return save_model(model, out, tokenizer_dir=tokenizer_dir, force=force,
-                      extra_config={"quantization_config": quantization_config(model)},
-                      tensors=state_dict_for_save(model))
+    main, ext, qc = export_tensors(model)
+    out = Path(out)
+    tmp, commit, abort = atomic_folder(out, force)
+    try:
+        cfg = model.config.to_hf()
+        cfg["torch_dtype"] = str(model.backbone.norm_f.weight.dtype).replace("torch.", "")
+        cfg["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_module.save_file(main, str(tmp / ct.MAIN_FILE), metadata={"format": "pt"})
+        save_module.save_file(ext, str(tmp / ct.EXTENSION_FILE), metadata={"format": "pt"})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in main.values())},
+                 "weight_map": {k: ct.MAIN_FILE for k in sorted(main)}}
+        (tmp / ct.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in save_module.TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.exists():
+                    (tmp / name).write_bytes(src.read_bytes())
+        commit()
+    except BaseException:
+        abort()
+        raise
+    return out
 
 
 def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None) -> MambaLM:
@@ -59,22 +116,36 @@ def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Op
     return model
 
 
-def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.float32, device="cpu") -> MambaLM:
-    """Rebuild a quantized model from its config.json dict and its tensors."""
+def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.float32, device="cpu",
+                    folder: Optional[Path] = None, extension: Optional[dict] = None) -> MambaLM:
+    """Rebuild a quantized model from its config.json dict and its tensors. A format_version 2
+    folder also needs its extension tensors: `extension`, or read from `folder`."""
     from ..methods import get_method
 
-    qc = raw.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise QMambaError(f"unsupported quantization_config (quant_method {qc.get('quant_method')!r}); "
+    outer = raw.get("quantization_config") or {}
+    if outer.get("quant_method") == ct.CT_METHOD:
+        qc = outer.get(ct.EXTENSION_KEY)
+        if not isinstance(qc, dict):
+            raise QMambaError("a compressed-tensors folder without qmamba's extension (quantization_config"
+                              "[\"qmamba\"]): qmamba loads the folders it wrote; load this one with transformers")
+        newest = ct.FORMAT_VERSION
+    elif outer.get("quant_method") == QUANT_METHOD:
+        qc, newest = outer, FORMAT_VERSION                      # format_version 1: qmamba's names
+    else:
+        raise QMambaError(f"unsupported quantization_config (quant_method {outer.get('quant_method')!r}); "
                           "only checkpoints written by qmamba can be loaded")
-    if int(qc.get("format_version", 0)) > FORMAT_VERSION:
+    if int(qc.get("format_version", 0)) > newest:
         raise QMambaError(f"checkpoint format {qc.get('format_version')} is newer than this qmamba "
-                          f"supports ({FORMAT_VERSION}); upgrade qmamba")
+                          f"supports ({newest}); upgrade qmamba")
     qcfg = QuantConfig.from_dict(qc)
     method = get_method(qc.get("method", "rtn"))
     cfg = from_hf_dict(raw)
     with torch.device("meta"):
         model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method.name, qc)
+    if qc is not outer:
+        if extension is None:
+            extension = _read_extension(folder, qc)
+        state_dict = ct.import_(model, state_dict, extension)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -101,3 +172,18 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
                 setattr(m, name, torch.zeros(b.shape, dtype=b.dtype, device=device))
     model.quant_config, model.quant_method = qcfg, method.name
     return model.eval()
+
+
+def _read_extension(folder: Optional[Path], qc: dict) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = qc.get("extension_file", ct.EXTENSION_FILE)
+    path = None if folder is None else Path(folder) / name
+    if path is None or not path.is_file():
+        raise QMambaError(f"the quantized folder {folder or ''} lacks {name} (qmamba's extension: state "
+                          "and mixer-internal quantizers); copy the whole folder")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise QMambaError(f"cannot read {path}: truncated or not a safetensors file ({e})") from None

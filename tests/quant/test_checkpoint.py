@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import qmamba
 from qmamba.errors import QMambaError
+from qmamba.formats import compressed_tensors as ct
 from qmamba.models import MambaLM, ModelConfig, init_weights
 from qmamba.quant.checkpoint import QUANT_METHOD, save_quantized
 from qmamba.quant.config import FORMAT_VERSION
@@ -37,7 +38,8 @@ CONFIGS = {                                       # name -> (spec, options)
 VOCAB = 64
 CALIB = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
 IDS = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
-SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale")
+SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale", "weight_scale", "input_scale")
+FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "qmamba-extension.safetensors"]
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +99,7 @@ def test_round_trip_bit_for_bit(arch, config, method, tie, tmp_path):
     model = quantized(arch, config, method, tie)
     before = logits_and_steps(model)
     out = save_quantized(model, tmp_path / "q")
-    assert out == tmp_path / "q" and sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert out == tmp_path / "q" and sorted(p.name for p in out.iterdir()) == FILES
     loaded = qmamba.load(out)
     assert loaded.format == "hf" and loaded.tokenizer is None
     m2 = loaded.model
@@ -106,46 +108,59 @@ def test_round_trip_bit_for_bit(arch, config, method, tie, tmp_path):
     assert m2.quant_config == model.quant_config and m2.quant_method == method
     assert not m2.training
 
-    # the tensors: integer codes, float32 scales
+    # the tensors: compressed-tensors' integer codes and float32 scales under transformers' names,
+    # qmamba's extension (state, mixer-internal quantizers) in a file of its own
     sd = load_file(out / "model.safetensors")
+    ext = load_file(out / ct.EXTENSION_FILE)
     spec, options = CONFIGS[config]
+    assert json.loads((out / ct.INDEX_FILE).read_text())["weight_map"] == {k: "model.safetensors" for k in sd}
     qc = model.quant_config
-    qweights = {k: v for k, v in sd.items() if k.endswith("qweight")}
+    linears = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".weight_scale")} |
+                     {k[: -len(".qweight")] for k in ext if k.endswith(".qweight")})
+    assert not any(k.endswith(("qweight", "w_scale")) for k in sd)
     if qc.w_bits is None:
-        assert not qweights
+        assert not linears
     else:
         n_linears = model.config.n_layer * (4 if arch == "mamba1" else 2) + (not tie and qc.quantize_head)
-        assert len(qweights) == n_linears
-        for k, v in qweights.items():
-            lin = m2.get_submodule(k[: -len(".qweight")])
-            assert v.dtype == (torch.uint8 if lin.w_bits <= 4 else torch.int8)
-            assert v.shape == (lin.out_features, lin.in_features // 2 if lin.w_bits <= 4 else lin.in_features)
-            prefix = k[: -len("qweight")]
-            assert sd[prefix + "w_scale"].dtype == torch.float32 and prefix + "weight" not in sd
+        assert len(linears) == n_linears
+        for name in linears:
+            lin = m2.get_submodule(name)
+            if name + ".qweight" in ext:                               # Quamba's rotated out_proj
+                assert method == "quamba" and name.endswith("out_proj") and sd[name + ".weight"].is_floating_point()
+                continue
+            if name + ".weight_packed" in sd:
+                assert lin.w_bits <= 4 and sd[name + ".weight_packed"].dtype == torch.int32
+                assert sd[name + ".weight_packed"].shape == (lin.out_features, math.ceil(lin.in_features * lin.w_bits / 32))
+                assert sd[name + ".weight_shape"].tolist() == [lin.out_features, lin.in_features]
+            else:
+                assert sd[name + ".weight"].dtype == torch.int8
+                assert sd[name + ".weight"].shape == (lin.out_features, lin.in_features)
+                assert torch.equal(sd[name + ".weight"], lin.codes())
+            assert sd[name + ".weight_scale"].dtype == torch.float32
         if options.get("w_group_size"):
-            grouped = [k for k in qweights if sd[k.replace("qweight", "w_scale")].dim() == 3]
-            assert grouped                                              # groups used where they tile
-    for k, v in sd.items():
+            assert any(sd[n + ".weight_scale"].shape[1] > 1 for n in linears if n + ".weight_scale" in sd)
+    for k, v in [*sd.items(), *ext.items()]:
         if k.endswith(SCALE_SUFFIXES):
             assert v.dtype == torch.float32, k
     if qc.quantize_head:
-        assert sd["backbone.embeddings.codes"].dtype == torch.int8
-        assert "backbone.embeddings.weight" not in sd
+        assert ext["backbone.embeddings.codes"].dtype == torch.int8
+        assert sd["backbone.embeddings.weight"].is_floating_point()     # dequantized, for other loaders
         assert isinstance(m2.backbone.embeddings, QEmbedding)
         if tie:
             assert isinstance(m2.lm_head, TiedQHead) and m2.lm_head._emb[0] is m2.backbone.embeddings
             assert not any(k.startswith("lm_head") for k in sd)
         else:
-            assert isinstance(m2.lm_head, QLinear) and sd["lm_head.qweight"].dtype == torch.int8
+            assert isinstance(m2.lm_head, QLinear) and sd["lm_head.weight"].dtype == torch.int8
     elif tie:
         assert "lm_head.weight" not in sd and m2.lm_head.weight is m2.backbone.embeddings.weight
     if qc.h_bits is not None:
-        assert all(f"backbone.layers.{i}.mixer.state_quant.s_n" in sd for i in range(model.config.n_layer))
+        assert all(f"backbone.layers.{i}.mixer.state_quant.s_n" in ext for i in range(model.config.n_layer))
 
     # config.json says how to rebuild
     raw = json.loads((out / "config.json").read_text())
-    q = raw["quantization_config"]
-    assert q["quant_method"] == QUANT_METHOD == "qmamba" and q["format_version"] == FORMAT_VERSION
+    assert raw["quantization_config"]["quant_method"] == "compressed-tensors"
+    q = raw["quantization_config"]["qmamba"]
+    assert q["quant_method"] == QUANT_METHOD == "qmamba" and q["format_version"] == ct.FORMAT_VERSION == 2
     assert q["qmamba_version"] == qmamba.__version__ and q["method"] == method
     assert (q["w_bits"], q["a_bits"], q["h_bits"]) == (qc.w_bits, qc.a_bits, qc.h_bits)
     assert q["config"] == qc.name and q["state_quant"] == qc.state_quant and q["state_quant"] is not None
@@ -220,29 +235,30 @@ def test_quantizing_a_quantized_model_raises(saved):
         quantize(loaded, "h4", calib=CALIB, method="dsq", progress=False)
 
 
-def _edit_config(folder: Path, **changes) -> None:
+def _edit_config(folder: Path, outer: bool = False, **changes) -> None:
+    """Change qmamba's extension of quantization_config (`outer`: compressed-tensors' fields)."""
     raw = json.loads((folder / "config.json").read_text())
-    raw["quantization_config"].update(changes)
+    (raw["quantization_config"] if outer else raw["quantization_config"]["qmamba"]).update(changes)
     (folder / "config.json").write_text(json.dumps(raw))
 
 
-def _edit_tensors(folder: Path, fn) -> None:
-    sd = load_file(folder / "model.safetensors")
+def _edit_tensors(folder: Path, fn, file: str = "model.safetensors") -> None:
+    sd = load_file(folder / file)
     fn(sd)
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(sd, str(folder / file), metadata={"format": "pt"})
 
 
-QW = "backbone.layers.0.mixer.in_proj.qweight"
+QW = "backbone.layers.0.mixer.in_proj.weight"                     # int8 codes (compressed-tensors)
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("config_w4", QW),                                  # int8 (260, 32) where W4 expects uint8 (260, 16)
+    ("config_w4", QW + "_packed"),                      # int8 (260, 32) where W4 expects int32 (260, 4)
     ("config_dsq", "backbone.layers.0.mixer.state_quant.static_scale"),   # (1, 1) where dsq is (d, 1)
     ("config_w16", QW),                                 # no W: qweight is unexpected
     ("missing", "backbone.layers.1.mixer.state_quant.s_n"),
     ("unexpected", "backbone.layers.0.mixer.extra"),
     ("float_codes", QW),
-    ("shape", "backbone.layers.1.mixer.out_proj.w_scale"),
+    ("shape", "backbone.layers.1.mixer.out_proj.weight_scale"),
 ])
 def test_tensors_not_matching_config_raise_naming_the_tensor(saved, tmp_path, case, needle):
     out = _copy(saved[1], tmp_path / "q")
@@ -253,7 +269,7 @@ def test_tensors_not_matching_config_raise_naming_the_tensor(saved, tmp_path, ca
     elif case == "config_w16":
         _edit_config(out, w_bits=None)
     elif case == "missing":
-        _edit_tensors(out, lambda sd: sd.pop(needle))
+        _edit_tensors(out, lambda sd: sd.pop(needle), ct.EXTENSION_FILE)
     elif case == "unexpected":
         _edit_tensors(out, lambda sd: sd.__setitem__(needle, torch.zeros(3)))
     elif case == "float_codes":
@@ -273,14 +289,14 @@ def test_integer_dtype_mismatch_raises(saved, tmp_path):
 
 def test_newer_format_version_raises(saved, tmp_path):
     out = _copy(saved[1], tmp_path / "q")
-    _edit_config(out, format_version=FORMAT_VERSION + 1)
+    _edit_config(out, format_version=ct.FORMAT_VERSION + 1)
     with pytest.raises(QMambaError, match="newer"):
         qmamba.load(out)
 
 
 def test_foreign_quantization_config_raises(saved, tmp_path):
     out = _copy(saved[1], tmp_path / "q")
-    _edit_config(out, quant_method="gptq")
+    _edit_config(out, outer=True, quant_method="gptq")
     with pytest.raises(QMambaError, match="gptq"):
         qmamba.load(out)
 
@@ -305,3 +321,31 @@ def test_stochastic_rounding_reload_reproduces(mode, tmp_path):
     loaded = qmamba.load(save_quantized(model, tmp_path / "q")).model
     with torch.no_grad():
         assert torch.equal(loaded(IDS), before)
+
+
+def test_format_version_1_folders_still_load(tmp_path):
+    """A folder in the private layout of format_version 1 (quant_method "qmamba", qweight tensors,
+    one safetensors file), as qmamba wrote it before compressed-tensors, loads bit for bit."""
+    from qmamba.models.save import save_model, state_dict_for_save
+    from qmamba.quant.checkpoint import quantization_config
+
+    model = quantized("mamba2", "w4a8h4-g8", "qmamba")
+    out = save_model(model, tmp_path / "v1", extra_config={"quantization_config": quantization_config(model)},
+                     tensors=state_dict_for_save(model))
+    raw = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert raw["quant_method"] == "qmamba" and raw["format_version"] == FORMAT_VERSION == 1
+    loaded = qmamba.load(out).model
+    before, after = logits_and_steps(model), logits_and_steps(loaded)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_missing_extension_file_is_one_clear_error(saved, tmp_path):
+    out = _copy(saved[1], tmp_path / "q")
+    (out / ct.EXTENSION_FILE).unlink()
+    with pytest.raises(QMambaError, match="lacks qmamba-extension.safetensors"):
+        qmamba.load(out)
+    raw = json.loads((out / "config.json").read_text())
+    del raw["quantization_config"]["qmamba"]                          # a plain llm-compressor folder
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(QMambaError, match="without qmamba's extension"):
+        qmamba.load(out)
