@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,6 +42,7 @@ STALE_BUILD_S = 3600            # temporary build files older than this are left
 log = logging.getLogger("qmamba")
 _lib = None
 _error: Optional[str] = None
+_lock = threading.Lock()        # one build and self-test at a time (the self-test swaps _lib)
 
 
 def cache_dir() -> Path:
@@ -72,7 +74,6 @@ def _self_test(lib: ctypes.CDLL) -> None:
     """Every entry point on tiny inputs (both lanes of each loop: vector blocks and tails) against
     PyTorch; raises RuntimeError on any difference. Inputs are small integers so that the
     products are exact whatever the summation order: equality is required, except for exp."""
-    global _lib, _single_thread
     from .primitives import pack_codes, unpack_codes
 
     g = torch.Generator().manual_seed(0)
@@ -84,7 +85,7 @@ def _self_test(lib: ctypes.CDLL) -> None:
         if not ok:
             raise RuntimeError(f"self-test of {what} failed: it disagrees with PyTorch")
 
-    saved, _lib, _single_thread = _lib, lib, True
+    _testing.lib = lib                  # the wrappers of this thread call `lib`, on one thread
     try:
         for k, gs in ((64, 32), (40, 0)):           # vector blocks of four rows / the scalar tail
             q_x, w = ints(-127, 127, 5, k).to(torch.int8), ints(-127, 127, 6, k).to(torch.int8)
@@ -119,7 +120,7 @@ def _self_test(lib: ctypes.CDLL) -> None:
             check("dsq_scan", torch.equal(unpack_codes(codes, per_byte, n), h.to(torch.int8))
                   and torch.equal(y, torch.stack(ys, 1)))
     finally:
-        _lib, _single_thread = saved, False
+        _testing.lib = None
 
 
 def _compiler() -> str:
@@ -168,9 +169,11 @@ def _compile_and_check(out: Path) -> ctypes.CDLL:
         if folder == out.parent:
             os.replace(tmp, out)
         return lib
-    finally:
-        if os.path.exists(tmp) and folder == out.parent:
+    finally:                            # (a loaded library stays mapped once its file is gone)
+        if os.path.exists(tmp):
             os.unlink(tmp)
+        if folder != out.parent:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _one_line(e: BaseException) -> str:
@@ -199,11 +202,18 @@ def _build() -> ctypes.CDLL:
 
 def available() -> bool:
     """True when the kernels are built (or buildable), verified, and this CPU runs them."""
-    global _lib, _error
     if _lib is not None:
         return True
     if _error is not None:
         return False
+    with _lock:
+        if _lib is None and _error is None:
+            _load()
+    return _lib is not None
+
+
+def _load() -> None:
+    global _lib, _error
     capability = torch.backends.cpu.get_cpu_capability()
     if os.environ.get("QMAMBA_NO_CPU_KERNELS", "") not in ("", "0"):
         _error = "disabled by QMAMBA_NO_CPU_KERNELS"
@@ -215,7 +225,6 @@ def available() -> bool:
         except Exception as e:          # never let a broken kernel stop a command: PyTorch's path
             _error = " ".join(str(e).split())[:600] if isinstance(e, RuntimeError) else _one_line(e)
             log.warning("qmamba: C kernels unavailable, using the slower PyTorch path: %s", _error)
-    return _lib is not None
 
 
 def unavailable_reason() -> Optional[str]:
@@ -223,11 +232,20 @@ def unavailable_reason() -> Optional[str]:
     return _error
 
 
-_single_thread = False          # the self-test: a parallel region costs ms on a busy machine
+_testing = threading.local()    # .lib: the library under self-test in this thread
+
+
+def _get() -> ctypes.CDLL:
+    lib = getattr(_testing, "lib", None)
+    if lib is None:
+        assert available(), _error
+        lib = _lib
+    return lib
 
 
 def _threads() -> int:
-    return 1 if _single_thread else torch.get_num_threads()
+    # one thread in the self-test: a parallel region can cost milliseconds on a busy machine
+    return 1 if getattr(_testing, "lib", None) is not None else torch.get_num_threads()
 
 
 def _ptr(t: Optional[Tensor]):
@@ -243,14 +261,14 @@ def i8_linear(q_x: Tensor, s_x: Tensor, codes: Tensor, w_scale: Tensor, group_si
     m, k = q_x.shape
     codes, w_scale, gs, bias, out = _int8_weights(m, k, codes, w_scale, group_size, bias)
     q_x, s_x = q_x.contiguous(), s_x.float().expand(m).contiguous()
-    _lib.i8_linear(m, out.shape[1], k, _ptr(q_x), _ptr(s_x), _ptr(codes), _ptr(w_scale), gs, _ptr(bias), _ptr(out),
+    _get().i8_linear(m, out.shape[1], k, _ptr(q_x), _ptr(s_x), _ptr(codes), _ptr(w_scale), gs, _ptr(bias), _ptr(out),
                    _threads())
     return out
 
 
 def _int8_weights(m: int, k: int, codes: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor]):
     """The weight-side arguments of the int8 GEMMs in the kernel's layout, and the (M, N) output."""
-    assert available(), _error
+    _get()
     n = codes.shape[0]
     gs = group_size or k
     if k % gs or codes.shape[1] != k:
@@ -268,7 +286,7 @@ def i8_linear_quantizing(x: Tensor, static_scale: Optional[float], codes: Tensor
     m, k = x.shape
     codes, w_scale, gs, bias, out = _int8_weights(m, k, codes, w_scale, group_size, bias)
     x, s_x = x.float().contiguous(), torch.empty(m, dtype=torch.float32)
-    _lib.i8_linear_f32(m, out.shape[1], k, _ptr(x), 0.0 if static_scale is None else float(static_scale),
+    _get().i8_linear_f32(m, out.shape[1], k, _ptr(x), 0.0 if static_scale is None else float(static_scale),
                        int(static_scale is None), _ptr(codes), _ptr(w_scale), gs, _ptr(bias), _ptr(out), _ptr(s_x),
                        _threads())
     return out
@@ -276,22 +294,22 @@ def i8_linear_quantizing(x: Tensor, static_scale: Optional[float], codes: Tensor
 
 def f32i8_linear(x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
     """(M, K) float32 x (N, K) int8 weights with (N,) float32 row scales -> (M, N) float32."""
-    assert available(), _error
+    _get()
     m, k = x.shape
     n = codes.shape[0]
     x, codes = x.float().contiguous(), codes.contiguous()
     scale = scale.float().reshape(n).contiguous()
     out = torch.empty(m, n, dtype=torch.float32)
-    _lib.f32i8_linear(m, n, k, _ptr(x), _ptr(codes), _ptr(scale), _ptr(out), _threads())
+    _get().f32i8_linear(m, n, k, _ptr(x), _ptr(codes), _ptr(scale), _ptr(out), _threads())
     return out
 
 
 def exp_f32(x: Tensor) -> Tensor:
     """exp of float32 values with the kernel's vectorised exp (the per-state decays of dsq_scan)."""
-    assert available(), _error
+    _get()
     x = x.float().contiguous()
     y = torch.empty_like(x)
-    _lib.exp_f32(x.numel(), _ptr(x), _ptr(y))
+    _get().exp_f32(x.numel(), _ptr(x), _ptr(y))
     return y
 
 
@@ -303,13 +321,13 @@ def dsq_scan(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B:
     (b, d, 1) float16 when dynamic; x, dt (b, l, d); A (d, 1) or (d, n); B, C (b, l, g, n); s_n
     (n,); static_scale (d, 1). Returns y (b, l, d) float32 =
     <stored h_t, C_t> (without D x_t)."""
-    assert available(), _error
+    _get()
     assert codes.is_contiguous() and scales.is_contiguous()
     b, length, d = x.shape
     g, n = B.shape[-2:]
     x, dt, A, B, C, s_n, static_scale = (t.float().contiguous() for t in (x, dt, A, B, C, s_n, static_scale))
     y = torch.empty(b, length, d, dtype=torch.float32)
-    _lib.dsq_scan(b, length, d, n, g, A.shape[-1], _ptr(codes), _ptr(scales) if dynamic else None, _ptr(x),
+    _get().dsq_scan(b, length, d, n, g, A.shape[-1], _ptr(codes), _ptr(scales) if dynamic else None, _ptr(x),
                   _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(s_n), _ptr(static_scale), int(dynamic), int(per_byte),
                   float(qmax), _ptr(y), _threads())
     return y

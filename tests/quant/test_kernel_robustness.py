@@ -183,6 +183,22 @@ def test_a_command_survives_with_at_most_one_line(env, tmp_path):
     assert all(ln.startswith("qmamba: C kernels unavailable") for ln in lines), lines
 
 
+@needs_kernel
+def test_two_processes_building_at_once(tmp_path):
+    """Two fresh processes build into the same empty cache at the same time: both get a verified
+    library, quietly, and the cache ends with one whole file and no temporary ones."""
+    environ = {**os.environ, "QMAMBA_CACHE": str(tmp_path / "cache")}
+    environ.pop("QMAMBA_NO_CPU_KERNELS", None)
+    environ.pop("CC", None)
+    script = "from qmamba.quant import cpu_kernels as c; assert c.available(), c.unavailable_reason(); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=environ, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "ok" and not err.strip(), err[-2000:]
+    assert [f.name for f in (tmp_path / "cache" / "kernels").iterdir()] == [cpu_kernels.cache_path().name]
+
+
 # ------------------------------------------------------------------------------- weight codes
 @pytest.mark.parametrize("arch, config, module, tensor, code", [
     ("mamba2", "w8a8h4-head", "backbone.layers.1.mixer.in_proj", "qweight", -128),   # vpsignb cannot negate it
