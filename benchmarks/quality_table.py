@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from qmamba.api import load  # noqa: E402
 from qmamba.eval.perplexity import tokenize_text_file  # noqa: E402
-from qmamba.eval.suite import EvalSetup, Row, markdown, run_row  # noqa: E402
+from qmamba.eval.suite import EvalSetup, Row, float_config, markdown, run_row  # noqa: E402
 from qmamba.quant.calibrate import calibration_ids  # noqa: E402
 from qmamba.utils.io import atomic_write_json  # noqa: E402
 
@@ -36,9 +36,10 @@ STATE_ROWS = [  # (label, state_quant, state_scale)
 ]
 
 
-def rows(arch: str, bits: list[int]) -> list[tuple[Row, bool]]:
-    """(row, main) pairs; main rows also get the proxy-task accuracy."""
-    out = [(Row("fp", "FP16", {}, "fp"), True)]
+def rows(arch: str, bits: list[int], fp_config: str = "FP32") -> list[tuple[Row, bool]]:
+    """(row, main) pairs; main rows also get the proxy-task accuracy. fp_config labels the float
+    row with the dtype it is computed in (`float_config`)."""
+    out = [(Row("fp", fp_config, {}, "fp"), True)]
     out += [(Row(m, "w8a8", {}, m), True) for m in ("rtn", "smoothquant", "quamba")]
     for b in bits:
         for label, kind, scale in STATE_ROWS:
@@ -74,13 +75,16 @@ def main(argv=None):
                       limit=args.limit or None)
     main_setup = EvalSetup(**{**setup.__dict__, "tasks": ("nextsent_proxy",)})
     done = {}
+    fp_config = float_config(loaded.model)
     if args.json.exists():                   # resume: keep finished rows
         for r in json.loads(args.json.read_text()).get("results", []):
+            if r["method"] == "fp":          # earlier runs labelled this float32 row "FP16"
+                r["config"] = fp_config
             done[(r["label"], r["config"])] = r
     only = {s for s in args.only.split(",") if s}
     results = []
     t0 = time.time()
-    for row, is_main in rows(loaded.model.config.arch, [int(b) for b in args.bits.split(",")]):
+    for row, is_main in rows(loaded.model.config.arch, [int(b) for b in args.bits.split(",")], fp_config):
         if only and row.label not in only:
             continue
         key = (row.label, row.config)

@@ -17,6 +17,17 @@ from .memory import cast_float_weights, memory_report
 from .perplexity import perplexity
 
 FP = "fp"
+FLOAT_NAMES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16", torch.float64: "FP64"}
+# what the memory figures are: an estimate from shapes, of the deployed form, not a measurement
+MEMORY_BASIS = ("weights + state at batch {batch} of the deployed form (integer codes and scales as stored, "
+                "float parts counted in FP16), computed from the shapes on a meta-device copy, not measured")
+
+
+def float_config(model: MambaLM) -> str:
+    """The float baseline's label: the dtype its weights are held and its matmuls computed in
+    (FP32 for a model loaded with the default dtype), not the FP16 of the memory comparison."""
+    dtype = next(model.parameters()).dtype
+    return FLOAT_NAMES.get(dtype, str(dtype).removeprefix("torch.").upper())
 
 
 @dataclass
@@ -43,8 +54,8 @@ class Row:
 
 def memory_of(model: MambaLM, batch: int) -> dict:
     """Weights + state bytes at `batch` of the deployed form of `model` (float parts in FP16),
-    measured on a meta-device copy with the same modules (quantization does not change shapes
-    by calibration), vs the FP16 model."""
+    estimated from the shapes of a meta-device copy with the same modules (quantization does not
+    change shapes by calibration), not measured on the model itself, vs the FP16 model."""
     from ..quant.checkpoint import quantize_structure
 
     with torch.device("meta"):
@@ -57,7 +68,8 @@ def memory_of(model: MambaLM, batch: int) -> dict:
     b = rep["batches"][str(batch)]
     return {"weights": rep["weights"]["total"], "state": b["state"]["total"], "ssm_state": b["state"]["ssm"],
             "total": b["total"], "total_fp16": b["total_fp16"], "ratio": b["total_ratio"],
-            "ssm_ratio": b["ssm_ratio"], "batch": batch}
+            "ssm_ratio": b["ssm_ratio"], "batch": batch, "estimated": True,
+            "basis": MEMORY_BASIS.format(batch=batch)}
 
 
 def evaluate(model: MambaLM, tokenizer, setup: EvalSetup) -> dict:
@@ -80,7 +92,7 @@ def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup) -> dict:
     """Quantize a deep copy of `fp_model` as `row` says (or not, for "fp") and evaluate it."""
     from ..quantize import quantize
 
-    res: dict = {"method": row.method, "config": row.config if row.method != FP else "FP16",
+    res: dict = {"method": row.method, "config": row.config if row.method != FP else float_config(fp_model),
                  "label": row.label or row.method, "options": row.options}
     if row.method == FP:
         model = fp_model
@@ -122,7 +134,7 @@ def markdown(results: list[dict], fp_ppl: Optional[float] = None) -> str:
     task_names = sorted({t for r in results for t in (r.get("tasks") or {})})
     head = ["method", "config", "state", "test ppl", "vs FP"] + \
         [f"{t} {'acc_norm' if any('acc_norm' in (r.get('tasks') or {}).get(t, {}) for r in results) else 'acc'}"
-         for t in task_names] + ["mean acc", "memory (MiB)", "vs FP16", "quant time (s)"]
+         for t in task_names] + ["mean acc", "est. memory (MiB)", "vs FP16 model", "quant time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         state = f"{r['state_quant']} {r['state_scale']}" if r.get("state_quant") else "float"
@@ -134,4 +146,6 @@ def markdown(results: list[dict], fp_ppl: Optional[float] = None) -> str:
                  f"{m:.4f}" if m is not None else "", f"{mem['total'] / 2 ** 20:.2f}",
                  f"{mem['ratio'] * 100:.1f}%", f"{r['quant_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if results:
+        lines += ["", f"est. memory: {MEMORY_BASIS.format(batch=results[0]['memory'].get('batch', 1))}."]
     return "\n".join(lines)

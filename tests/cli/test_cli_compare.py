@@ -3,13 +3,21 @@ way, the Markdown table, the JSON and the plot, and one-line errors for bad inpu
 
 from __future__ import annotations
 
+import copy
 import json
-import math
+from pathlib import Path
 
 import pytest
+import torch
 
+import qmamba
 from qmamba.cli import main
 from qmamba.cli.compare import ROWS
+from qmamba.eval import perplexity, tokenize_text_file
+from qmamba.eval.memory import cast_float_weights, memory_report
+from qmamba.quant.calibrate import calibration_ids
+
+TEST_TEXT = Path(__file__).resolve().parents[2] / "qmamba" / "assets" / "text" / "test.txt"
 
 SMALL = ["--max-tokens", "256", "--seqlen", "64", "--limit", "4", "--nsamples", "4", "--calib-seqlen", "64",
          "--tasks", "nextsent_proxy"]
@@ -30,15 +38,39 @@ def test_compare_rows_table_json_and_plot(tiny_mamba2, tmp_path, capsys):
     res = json.loads(out.read_text())
     rows = res["results"]
     assert [r["label"] for r in rows] == ["fp", "rtn", "dsq", "qmamba-fast"]
-    assert [r["config"] for r in rows] == ["FP16", "W8A8H4", "W8A8H4", "W8A8H4"]
-    assert len({r["tokens"] for r in rows}) == 1                      # the same test tokens for every row
+    # the float row is labelled with the dtype it is computed in (the default float32), not FP16
+    assert [r["config"] for r in rows] == ["FP32", "W8A8H4", "W8A8H4", "W8A8H4"]
+    assert {r["tokens"] for r in rows} == {4 * 63}                    # the same 256 test tokens for every row
     for r in rows:
-        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
         assert 0 <= r["tasks"]["nextsent_proxy"]["acc"] <= 1
-        assert r["memory"]["total"] > 0
+        assert r["memory"]["estimated"] is True and "meta-device" in r["memory"]["basis"]
     fp, rtn, dsq, qm = rows
+    # the oracle: qmamba.eval.perplexity on the float model, and on the model quantized through
+    # the Python API with the same calibration windows, as compare evaluates them (batches of 16)
+    loaded = qmamba.load(tiny_mamba2[1])
+    ids = tokenize_text_file(TEST_TEXT, loaded.tokenizer)
+
+    def ppl(model):
+        return perplexity(model, ids, seqlen=64, max_tokens=256, batch_size=16, progress=False)["perplexity"]
+
+    assert fp["perplexity"] == ppl(loaded.model)
+    calib = calibration_ids(loaded.tokenizer, None, 4, 64, 0)
+    quantized = {}
+    for r in (rtn, dsq):
+        model = copy.deepcopy(loaded.model)
+        qmamba.quantize(model, "w8a8h4", calib=calib, method=r["method"], seed=0, progress=False)
+        assert r["perplexity"] == ppl(model), r["label"]
+        quantized[r["label"]] = model
+    assert rtn["perplexity"] != fp["perplexity"]                      # quantization did something
+    # the memory column is an estimate from shapes: it must equal the bytes of the real model in
+    # its deployed form (float parts cast to FP16), weights + a batch-1 cache
+    for r, model in ((fp, loaded.model), (rtn, quantized["rtn"]), (dsq, quantized["dsq"])):
+        real = memory_report(cast_float_weights(copy.deepcopy(model), torch.float16), (1,))
+        assert r["memory"]["weights"] == real["weights"]["total"], r["label"]
+        assert r["memory"]["total"] == real["batches"]["1"]["total"], r["label"]
     assert fp["memory"]["ratio"] == pytest.approx(1.0, abs=0.05)
-    assert dsq["memory"]["total"] < fp["memory"]["total"]
+    assert dsq["memory"]["total"] < fp["memory"]["total"]              # guaranteed: W8 and H4 codes
+    assert "| est. memory (MiB) | vs FP16 model |" in res["markdown"] and "not measured" in res["markdown"]
     assert (dsq["state_quant"], dsq["state_scale"]) == ("dsq", "dynamic")
     assert len(qm["esr"]) == 1                                        # one record per block (1 layer)
     assert rtn["perplexity"] != fp["perplexity"]                      # quantization did something
