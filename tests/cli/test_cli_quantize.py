@@ -62,9 +62,12 @@ def eval_json(argv, tmp_path, name="eval.json") -> dict:
 # ------------------------------------------------------------------------------- the happy path
 def test_quantize_writes_a_loadable_folder(quantized_dir, tiny_mamba2, calib_file, capsys):
     names = sorted(p.name for p in quantized_dir.iterdir())
-    assert names == ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+    assert names == ["config.json", "model.safetensors", "model.safetensors.index.json",
+                     "qmamba-extension.safetensors", "special_tokens_map.json", "tokenizer.json",
                      "tokenizer_config.json"]
-    q = json.loads((quantized_dir / "config.json").read_text())["quantization_config"]
+    qc = json.loads((quantized_dir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"                  # what transformers and vLLM read
+    q = qc["qmamba"]                                                    # qmamba's extension
     assert (q["config"], q["method"], q["state_quant"], q["state_scale"]) == ("W8A8H4", "rtn", "tensor", "static")
     assert q["quant_method"] == "qmamba" and q["qmamba_version"] == qmamba.__version__
     loaded = qmamba.load(quantized_dir)
@@ -85,7 +88,7 @@ def test_quantize_prints_a_summary(tiny_mamba1, calib_file, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary == {"config": "W8A8H4", "method": "rtn", "state_quant": "dsq", "state_scale": "dynamic",
-                       "format_version": 1}
+                       "format_version": 2}
     assert f"saved to {out}" in lines[-2]
     assert qmamba.load(out).model.quant_config.w_group_size == 16
 
@@ -263,7 +266,7 @@ def test_qmamba_is_the_default_method(tiny_mamba2, calib_file, tmp_path, capsys)
     argv = esr_argv(tiny_mamba2[1], tmp_path / "q", calib_file)
     del argv[argv.index("--method"):argv.index("--method") + 2]
     assert main(argv) == 0
-    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["qmamba"]
     assert qc["method"] == "qmamba" and qc["state_quant"] == "dsq"
 
 

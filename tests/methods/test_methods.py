@@ -84,8 +84,9 @@ def test_fwht_is_multiplication_by_hadamard(n):
 def test_rotate_module_applies_hadamard_and_holds_no_tensor():
     rot = Rotate(1536)
     x = torch.randn(2, 7, 1536)
-    assert torch.allclose(rot(x), x @ hadamard(1536), atol=1e-5)
-    assert torch.allclose(rot(rot(x)), x, atol=1e-5)                         # H H = I
+    # float32 sums of 512 terms: relative to the size of the values, not a fixed 1e-5
+    assert max_rel_err(rot(x), x @ hadamard(1536)) < 1e-5
+    assert max_rel_err(rot(rot(x)), x) < 1e-5                                  # H H = I
     assert rot(x.double()).dtype == torch.float64
     assert rot.m == 512 and not list(rot.parameters()) and not list(rot.buffers())
 
@@ -206,8 +207,8 @@ def test_quamba_checkpoint_reloads_into_a_fresh_model(arch, tmp_path):
     raw = json.loads((folder / "config.json").read_text())
     sd = load_file(folder / "model.safetensors")
     assert not [k for k in sd if ".rotate." in k]
-    assert torch.equal(build_quantized(raw, sd)(IDS), qb(IDS))
-    bf16 = build_quantized(raw, sd, torch.bfloat16)
+    assert torch.equal(build_quantized(raw, sd, folder=folder)(IDS), qb(IDS))
+    bf16 = build_quantized(raw, sd, torch.bfloat16, folder=folder)
     assert isinstance(bf16.backbone.layers[0].mixer.out_proj.input_quant.rotate, Rotate)
 
 
@@ -223,4 +224,4 @@ def test_method_end_to_end_w8a8h8(arch, method):
     assert 0 < rel_err(out, ref) < W8A8H8_REL_ERR
     cache = q.allocate_cache(IDS.shape[0])                                  # the decode path agrees
     steps = torch.stack([q.step(IDS[:, t], cache) for t in range(IDS.shape[1])], 1)
-    assert torch.allclose(steps, out, atol=1e-4)
+    assert max_rel_err(steps, out) < 3e-5            # relative to max |logit| (measured <= 5e-7)
