@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    restore = _exit_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except QMambaError as e:
@@ -48,6 +49,31 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        restore()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that half-written outputs are removed on the way out."""
+
+
+def _exit_on_sigterm():
+    """Turn SIGTERM into `Terminated` while a command runs (a plain SIGTERM would skip every
+    `finally` and leave temporary folders behind); returns the function that restores the handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import QMambaError
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, check_output
 from .common import positive_ints
 
 MAX_TOKENS = 1 << 16      # prompt or generation lengths beyond this are a mistake here
@@ -65,13 +65,39 @@ def _check(args) -> tuple[list[int], list[str]]:
     if args.device not in ("cpu",) and not args.device.startswith("cuda"):
         raise QMambaError(f"--device must be cpu or cuda, got {args.device!r}")
     QuantConfig.parse(args.quant)
+    if args.json is not None:
+        check_output(args.json, "--json")
     cuda = args.device.startswith("cuda")
     variants = [v for v in args.variants.split(",") if v] or (
         ["fp16", "quant"] if cuda else ["fp32", "bf16", "quant"])
     bad = [v for v in variants if v not in ("fp32", "bf16", "fp16", "quant", "quant-sim")]
     if bad:
         raise QMambaError(f"unknown variant(s) {', '.join(bad)}")
+    _check_size(args, max(batches))
     return batches, variants
+
+
+def _check_size(args, batch: int) -> None:
+    """The largest batch must fit before any child starts: a lower bound of what one step holds
+    (prompt ids, prefill activations, last-token logits, the state at >= 4 bits per element)."""
+    from ..models.budget import check_bytes, model_size
+    from ..models.shapes import SHAPES, shape_config
+
+    if args.model in SHAPES:
+        cfg = shape_config(args.model)
+    else:
+        from ..api import resolve_model_path
+        from ..models.load import detect_format, model_config, read_config
+
+        raw = read_config(resolve_model_path(args.model))
+        if "quantization_config" in raw:
+            return
+        cfg = model_config(raw, detect_format(raw))
+    size = model_size(cfg)
+    per_seq = (args.prompt_len + args.gen_len) * 8 + args.prompt_len * cfg.d_model * 4 + cfg.vocab_size * 4 \
+        + size.state_per_sequence // 2
+    check_bytes(batch * per_seq, f"--batch {batch:,} with --prompt-len {args.prompt_len:,} on {args.model} "
+                                 f"(d_model {cfg.d_model:,}, vocabulary {cfg.vocab_size:,})", args.device)
 
 
 def _child(kwargs: dict) -> dict:

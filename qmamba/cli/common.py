@@ -104,6 +104,13 @@ def quant_options(args) -> dict:
     return opts
 
 
+def check_calibration_size(nsamples: int, seqlen: int, flags: str = "--nsamples x --calib-seqlen") -> None:
+    """The calibration windows (int64 ids, one row object each) must fit in memory."""
+    from ..models.budget import check_bytes
+
+    check_bytes(nsamples * (seqlen * 8 + 256), f"{flags} = {nsamples:,} x {seqlen:,} calibration tokens")
+
+
 def check_quant_args(args) -> None:
     from ..quant.config import QuantConfig
 
@@ -113,6 +120,33 @@ def check_quant_args(args) -> None:
     from ..methods.esr import ESRConfig
 
     ESRConfig(**{k: v for k, v in esr_options(args).items() if k != "resume_dir"})
+    # ESR trains on the first N calibration sequences, their first L tokens: no more exist
+    if getattr(args, "esr_nsamples", None) is not None and args.esr_nsamples > args.nsamples:
+        raise QMambaError(f"--esr-nsamples {args.esr_nsamples:,} is more than the --nsamples {args.nsamples:,} "
+                          "calibration sequences ESR takes them from")
+    if getattr(args, "esr_seqlen", None) is not None and args.esr_seqlen > args.calib_seqlen:
+        raise QMambaError(f"--esr-seqlen {args.esr_seqlen:,} is longer than the --calib-seqlen "
+                          f"{args.calib_seqlen:,} calibration sequences ESR takes them from")
+    check_calibration_size(args.nsamples, args.calib_seqlen)
+    if getattr(args, "esr_resume", None) is not None:
+        from ..utils.io import check_output
+
+        check_output(args.esr_resume, "--esr-resume", folder=True, force=True)
+
+
+def check_esr_size(args, cfg) -> None:
+    """ESR keeps four (N, L, d_model) float32 activation sets (float and quantized inputs and
+    outputs of the block it trains): they must fit in memory, before calibration starts."""
+    if args.method != "qmamba":
+        return
+    from ..methods.esr import ESRConfig
+    from ..models.budget import check_bytes
+
+    d = ESRConfig()
+    n = min(args.esr_nsamples or d.nsamples, args.nsamples)
+    L = min(args.esr_seqlen or d.seqlen, args.calib_seqlen)
+    check_bytes(4 * n * L * cfg.d_model * 4,
+                f"ESR on {n:,} sequences x {L:,} tokens x d_model {cfg.d_model:,} (--esr-nsamples, --esr-seqlen)")
 
 
 def load_model(args, quantize_in_memory: bool = True):
@@ -125,6 +159,7 @@ def load_model(args, quantize_in_memory: bool = True):
 
         if getattr(loaded.model, "quant_config", None) is not None:
             raise QMambaError(f"{args.model} is already quantized; --quant applies to float models")
+        check_esr_size(args, loaded.model.config)
         quantize(loaded, args.quant, calib=args.calib, method=args.method, nsamples=args.nsamples,
                  seqlen=args.calib_seqlen, seed=args.quant_seed, method_options=esr_options(args),
                  **quant_options(args))

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import QMambaError
-from ..utils.io import atomic_write_json
-from .common import add_model_args
+from ..utils.io import atomic_write_json, check_output
+from .common import add_model_args, check_calibration_size
 
 log = logging.getLogger("qmamba")
 
@@ -116,8 +116,10 @@ def run(args) -> int:
     configs = [QuantConfig.parse(c).name for c in args.config or ["w8a8h4"]]    # canonical: W8A8H4
     if args.seqlen < 2 or args.nsamples < 1 or args.limit < 0 or args.max_tokens < 0 or args.state_group_size < 1:
         raise QMambaError("--seqlen must be >= 2, --nsamples and --state-group-size >= 1, --limit and --max-tokens >= 0")
-    if args.json is not None and args.json.is_dir():
-        raise QMambaError(f"--json {args.json} is a folder")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output(path, flag)
+    check_calibration_size(args.nsamples, args.calib_seqlen)
     t0 = time.time()
     loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     if getattr(loaded.model, "quant_config", None) is not None:
@@ -162,5 +164,8 @@ def run(args) -> int:
                                       "torch_version": torch.__version__, "results": results,
                                       "markdown": table, "seconds": round(time.time() - t0, 1)})
     if args.plot:
-        plot(results, args.plot, scope if len(scope) < 90 else loaded.name)
+        try:
+            plot(results, args.plot, scope if len(scope) < 90 else loaded.name)
+        except OSError as e:
+            raise QMambaError(f"cannot write --plot {args.plot}: {e.strerror or e}") from None
     return 0

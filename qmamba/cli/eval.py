@@ -17,7 +17,7 @@ import torch
 
 from .common import add_model_args, add_quant_args, describe, load_model
 from ..errors import QMambaError
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, check_output
 
 HARNESS = "qmamba.eval.harness"
 TEST_TEXT = Path(__file__).resolve().parents[1] / "assets" / "text" / "test.txt"
@@ -72,9 +72,24 @@ def _check_args(args) -> list[str]:
         raise QMambaError(f"--limit must be positive, got {args.limit}")
     if args.seqlen < 2:
         raise QMambaError(f"--seqlen must be at least 2 (one token predicted per window), got {args.seqlen}")
-    if args.json is not None and args.json.is_dir():
-        raise QMambaError(f"--json {args.json} is a folder; give a file name")
+    if args.batch_size < 1:
+        raise QMambaError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise QMambaError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.json is not None:
+        check_output(args.json, "--json")
     return tasks
+
+
+def _check_window_size(args, n_tokens: int, vocab: int) -> None:
+    """One forward pass holds (batch, seqlen, vocab) float32 logits and their log-softmax."""
+    from ..models.budget import check_bytes
+
+    n = n_tokens if args.max_tokens is None else min(n_tokens, args.max_tokens)
+    b = min(args.batch_size, max(1, n // args.seqlen))
+    check_bytes(2 * b * args.seqlen * vocab * 4, f"one forward pass of {b:,} window(s) of --seqlen {args.seqlen:,} "
+                                                 f"(--batch-size {args.batch_size:,}), logits over a vocabulary "
+                                                 f"of {vocab:,},", args.device)
 
 
 def run(args) -> int:
@@ -102,6 +117,7 @@ def run(args) -> int:
     t1 = time.perf_counter()
     if ppl_file is not None:
         ids = tokenize_text_file(ppl_file, loaded.tokenizer)
+        _check_window_size(args, len(ids), loaded.model.config.vocab_size)
         ppl = perplexity(loaded.model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens,
                          batch_size=args.batch_size)
         result.update(file=str(ppl_file), max_tokens=args.max_tokens, **ppl)

@@ -37,9 +37,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+MAX_NEW_TOKENS = 1 << 20      # a million tokens: beyond this a run is a typo, not a request
+
+
 def run(args) -> int:
     if not args.prompt:
         raise QMambaError("--prompt is empty")
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise QMambaError(f"--max-new-tokens {args.max_new_tokens:,} is more than {MAX_NEW_TOKENS:,}, "
+                          "the most one run generates")
     loaded = load_model(args)
     tok = loaded.tokenizer
     if tok is None:

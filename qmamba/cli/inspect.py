@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import QMambaError
-from .common import add_model_args
+from ..utils.io import check_output
+from .common import add_model_args, check_calibration_size
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,20 +46,21 @@ def run(args) -> int:
     # everything that needs no model is checked before loading it
     check_bits(args.bits)
     layers = parse_layers(args.layers)
-    if args.out.exists() and not args.force:
-        raise QMambaError(f"output folder {args.out} already exists (pass --force to replace it)")
-    if args.out.exists() and not args.out.is_dir():
-        raise QMambaError(f"--out {args.out} is a file, not a folder")
+    check_output(args.out, "--out", folder=True, force=args.force)
     if args.nsamples < 1 or args.seqlen < 2:
         raise QMambaError("--nsamples must be >= 1 and --seqlen >= 2")
     if args.batch_size < 1:
         raise QMambaError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_calibration_size(args.nsamples, args.seqlen, "--nsamples x --seqlen")
     loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     if layers is not None:
         parse_layers(args.layers, loaded.model.config.n_layer)
-    stats = inspect_model(loaded, args.out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                          bits=args.bits, layers=layers, force=args.force, seed=args.seed,
-                          batch_size=args.batch_size, progress=True)
+    try:
+        stats = inspect_model(loaded, args.out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                              bits=args.bits, layers=layers, force=args.force, seed=args.seed,
+                              batch_size=args.batch_size, progress=True)
+    except OSError as e:                 # the folder went away or the disk filled up meanwhile
+        raise QMambaError(f"cannot write --out {args.out}: {e.strerror or e}") from None
     m = stats["model"]
     print(f"{m['name']}: {m['arch']}, {m['parameters'] / 1e6:.2f} M parameters; {stats['data']['nsamples']} x "
           f"{stats['data']['seqlen']} tokens in {stats['seconds']:.1f} s")

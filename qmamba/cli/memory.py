@@ -18,7 +18,7 @@ import torch
 
 from ..errors import QMambaError
 from ..models.shapes import SHAPES
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, check_output
 from .common import add_model_args, positive_ints
 
 
@@ -54,6 +54,8 @@ def run(args) -> int:
     from ..quantize import resolve_config
 
     batches = positive_ints(args.batch, "--batch")
+    if args.json is not None:
+        check_output(args.json, "--json")
     qcfg = None
     if args.quant:
         opts = {k: v for k, v in dict(state_quant=args.state_quant, state_scale=args.state_scale,
@@ -75,6 +77,13 @@ def run(args) -> int:
             quantize_structure(model, qcfg, args.method)
         source = args.model
     cast_float_weights(model, getattr(torch, args.dtype))
+    if args.model not in SHAPES:         # a real model allocates its state: it must fit
+        from ..eval.memory import state_bytes
+        from ..models.budget import check_bytes
+
+        b = max(batches)
+        check_bytes(b * sum(state_bytes(model, 1).values()),
+                    f"--batch {b:,}: the conv and SSM state of {b:,} sequences")
     q = getattr(model, "quant_config", None)
     report = {"model": args.model, "source": source, "float_dtype": args.dtype,
               "quantization": None if q is None else {"method": model.quant_method, **q.to_dict()},

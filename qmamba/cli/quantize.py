@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import QMambaError
+from ..utils.io import check_output
 from .common import add_model_args, add_quant_args, describe, load_model
 
 
@@ -29,15 +30,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..quant.checkpoint import save_quantized
 
-    if args.out.exists() and not args.force:
-        raise QMambaError(f"output folder {args.out} already exists (pass --force to replace it)")
-    if args.out.exists() and not args.out.is_dir():
-        raise QMambaError(f"--out {args.out} is a file, not a folder")
+    check_output(args.out, "--out", folder=True, force=args.force)      # before hours of calibration
     loaded = load_model(args)
     tok_dir = args.tokenizer if args.tokenizer is not None and args.tokenizer.is_dir() else loaded.path
-    save_quantized(loaded.model, args.out, tokenizer_dir=tok_dir, force=args.force)
+    try:
+        save_quantized(loaded.model, args.out, tokenizer_dir=tok_dir, force=args.force)
+    except OSError as e:                 # the folder went away or the disk filled up meanwhile
+        raise QMambaError(f"cannot write --out {args.out}: {e.strerror or e}") from None
     print(describe(loaded))
     print(f"quantized in {loaded.model.quant_seconds:.1f} s; saved to {args.out}")
     qc = json.loads((args.out / "config.json").read_text())["quantization_config"]
+    qc = qc.get("qmamba", qc)            # compressed-tensors layout: qmamba's fields nested
     print(json.dumps({k: qc[k] for k in ("config", "method", "state_quant", "state_scale", "format_version")}))
     return 0

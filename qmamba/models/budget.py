@@ -21,6 +21,9 @@ from ..errors import QMambaError
 # RSS of one layer built on the meta device (Python module objects, no tensor data), measured:
 # about 35 KB per Mamba2 layer with torch 2.x; 32 KB is the floor counted per layer
 META_BYTES_PER_LAYER = 32 * 1024
+# more layers than any real Mamba (64): building them on the meta device takes seconds (2-3 ms
+# each), so such a config is compared with the size of its weight files first
+MANY_LAYERS = 512
 # the narrowest weight a qmamba checkpoint stores (W2 codes, packed): a lower bound per parameter
 MIN_QUANT_BYTES_PER_PARAM = 2 / 8
 
@@ -44,8 +47,9 @@ def _read_int(path: str) -> Optional[int]:
 
 def available_memory() -> Optional[int]:
     """Bytes this process can still allocate: /proc/meminfo's MemAvailable, lowered by the
-    cgroup's limit (v2 memory.max - memory.current, v1 limit_in_bytes - usage_in_bytes) when one
-    is set. None when neither can be read (then nothing is refused)."""
+    cgroup's limit (v2 memory.max - memory.current, v1 limit_in_bytes - usage_in_bytes) and by
+    the address-space limit (ulimit -v) when set. None when nothing can be read (then nothing
+    is refused)."""
     avail = None
     try:
         with open("/proc/meminfo") as f:
@@ -63,6 +67,17 @@ def available_memory() -> Optional[int]:
             left = max(limit - usage, 0)
             avail = left if avail is None else min(avail, left)
             break
+    try:                               # ulimit -v: address space left to this process
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                vm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
+            left = max(soft - vm, 0)
+            avail = left if avail is None else min(avail, left)
+    except (ImportError, OSError, ValueError):
+        pass
     return avail
 
 
@@ -126,8 +141,9 @@ def _shape(cfg, size: ModelSize) -> str:
 
 def check_model_fits(folder, raw: dict, dtype: torch.dtype, device="cpu") -> None:
     """Before a model folder is read and built: refuse a config.json whose model cannot fit in
-    the memory available at `dtype`, or that describes far more parameters than the weight files
-    hold (the config does not belong to the weights). Tiny and ordinary configs pass untouched."""
+    the memory available at `dtype`, or whose layer count is beyond any real model and describes
+    far more parameters than the weight files hold (the config does not belong to the weights).
+    Tiny and ordinary configs pass untouched."""
     from .config import from_hf_dict
     from .load import detect_format, model_config, weight_files
 
@@ -143,12 +159,12 @@ def check_model_fits(folder, raw: dict, dtype: torch.dtype, device="cpu") -> Non
     where = folder / "config.json"
     check_bytes(need, f"the model of {where}, {_shape(cfg, size)} in "
                       f"{'quantized form' if quantized else str(dtype).replace('torch.', '')},", device)
-    if quantized:
-        return
+    if quantized or cfg.n_layer <= MANY_LAYERS:
+        return                 # a mismatch fails fast in the loader's own checks
     try:
         on_disk = sum(os.path.getsize(p) for p in weight_files(folder))
     except (QMambaError, OSError):
         return                 # missing weights: the loader says so
     if on_disk < size.parameters:      # float weights take >= 2 bytes per parameter on disk
         raise QMambaError(f"{where} describes {_shape(cfg, size)}, but the weights in {folder} hold only "
-                          f"{human(on_disk)}: the config does not belong to these weights")
+                          f"{human(on_disk)}: the config does not belong to these weights (or they are truncated)")

@@ -4,9 +4,12 @@ atomically: everything goes to a temporary folder beside the target, which is th
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import QMambaError
+from ..utils.io import check_output
 from .lm import MambaLM
+
+log = logging.getLogger("qmamba")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -27,17 +33,90 @@ def state_dict_for_save(model: MambaLM) -> dict[str, torch.Tensor]:
     return sd
 
 
-def atomic_folder(out: Path, force: bool):
-    """Context-free helper: returns a fresh temporary folder next to `out` and a commit function."""
+# our temporary and replaced folders beside an output: .NAME.tmp-HOST-PID-RAND, .NAME.old-HOST-PID-RAND
+_OURS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[^/]*)-(?P<pid>\d+)-(?P<rand>[0-9a-f]{8})$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders that an interrupted save of `out` (SIGKILL, power loss) left
+    beside it: only ours (our name pattern, made on this host) and only when the process that
+    made them is gone. A replaced folder (.old-) whose save died between its two renames, with
+    `out` missing, is the user's previous output: it is put back instead. Returns what it removed."""
     out = Path(out)
+    removed = []
+    try:
+        entries = list(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
+        return removed
+    for p in entries:
+        m = _OURS.match(p.name)
+        if not m or m["name"] != out.name or m["host"] != _host() or _alive(int(m["pid"])) or not p.is_dir():
+            continue
+        try:
+            if m["kind"] == "old" and not out.exists():
+                os.replace(p, out)
+                log.warning("restored %s from an interrupted save (%s)", out, p.name)
+                continue
+            shutil.rmtree(p)
+            removed.append(p)
+            log.info("removed %s, left by an interrupted save (process %s)", p, m["pid"])
+        except OSError:
+            pass
+    return removed
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.with_name(f".{out.name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _user_modes(folder: Path) -> None:
+    """The modes a plain mkdir/open would give (0777/0666 less the umask): some writers
+    (safetensors) create their files 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
+def atomic_folder(out: Path, force: bool):
+    """Context-free helper: returns a fresh temporary folder next to `out` and a commit function.
+
+    The folder is created with the user's umask (not tempfile's 0700) and named after this host
+    and process, so that the next save cleans it up if this one is killed (`clean_stale`)."""
+    out = Path(out)
+    clean_stale(out)
     if out.exists() and not force:
         raise QMambaError(f"output folder {out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if out.exists() and not out.is_dir():
+        raise QMambaError(f"output {out} is a file, not a folder")
+    check_output(out, "output folder", folder=True, force=True)     # a parent that is a file, ...
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(out, "tmp")
+        tmp.mkdir()                                  # mode 0777 & ~umask
+    except OSError as e:
+        raise QMambaError(f"cannot write {out}: {e.strerror or e}") from None
 
     def commit():
+        _user_modes(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = _sibling(out, "old")
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -68,6 +147,9 @@ def save_model(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force:
                 if src.exists():
                     shutil.copyfile(src, tmp / name)
         commit()
+    except OSError as e:                 # disk full, a folder that vanished, ...
+        abort()
+        raise QMambaError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         abort()
         raise

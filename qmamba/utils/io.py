@@ -29,10 +29,49 @@ def atomic_write_text(path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600; a plain open() would not
         os.replace(tmp, path)
+    except OSError as e:                            # disk full, target became a folder, ...
+        Path(tmp).unlink(missing_ok=True)
+        raise QMambaError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output(path, flag: str, folder: bool = False, force: bool = False) -> Path:
+    """Before any long work: QMambaError unless `path` can be written as an output (a file, or
+    with `folder` a folder that must not exist unless `force`). Missing parent folders are fine
+    (the writers create them) when the nearest existing one is a folder we can create files in;
+    that is tried for real (a probe file, removed at once), since permission bits say nothing
+    to root and nothing about read-only mounts. Leaves nothing behind."""
+    path = Path(path).expanduser()
+    name = f"{flag} {path}"
+    if path.exists() or path.is_symlink():
+        if folder and not path.is_dir():
+            raise QMambaError(f"{name} is a file, not a folder")
+        if folder and not force:
+            raise QMambaError(f"output folder {path} already exists (pass --force to replace it)")
+        if not folder and path.is_dir():
+            raise QMambaError(f"{name} is a folder; give a file name")
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QMambaError(f"cannot write {name}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qmamba-write-test-", dir=parent)
+    except OSError as e:
+        raise QMambaError(f"cannot write {name}: cannot create files in {parent} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 
