@@ -158,7 +158,9 @@ def _compile_and_check(out: Path) -> ctypes.CDLL:
     os.close(fd)
     try:
         try:
-            r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the C compiler {cc!r} ran for more than 10 minutes") from None
         except OSError as e:
             raise RuntimeError(f"cannot run the C compiler {cc!r}: {e.strerror or e}") from None
         if r.returncode != 0:
