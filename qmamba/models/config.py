@@ -59,7 +59,8 @@ class ModelConfig:
             if not self.norm_group_size:
                 self.norm_group_size = self.default_norm_group_size
             if self.norm_group_size <= 0 or self.d_inner % self.norm_group_size:
-                raise QMambaError(f"gated norm group size {self.norm_group_size} does not divide d_inner {self.d_inner}")
+                raise QMambaError(f"gated norm group size {self.norm_group_size} does not divide "
+                                  f"d_inner {self.d_inner}")
             if self.gated_norm_eps is None:
                 self.gated_norm_eps = self.norm_eps
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
