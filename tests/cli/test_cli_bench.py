@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+import qmamba
 from qmamba.cli import main
+from qmamba.eval.memory import memory_report
 
 
 def test_bench_tiny_run(tiny_mamba2, tmp_path, capsys):
@@ -20,6 +22,11 @@ def test_bench_tiny_run(tiny_mamba2, tmp_path, capsys):
     for r in rows.values():
         assert r["decode_seconds_per_token"] > 0 and r["prefill_seconds"] > 0
         assert r["peak_memory_bytes"] > 0 and r["weight_bytes"] > 0 and r["state_bytes"] > 0
+    # the oracle for the float row: the bytes of the loaded model's tensors and of a batch-1 cache
+    fp = qmamba.load(tiny_mamba2[1]).model
+    assert rows["fp32"]["weight_bytes"] == memory_report(fp, (1,))["weights"]["total"]
+    cache = fp.allocate_cache(1).nbytes()
+    assert rows["fp32"]["state_bytes"] == cache["conv"] + cache["ssm"]
     assert rows["quant"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
     assert rows["quant"]["state_bytes"] < rows["fp32"]["state_bytes"]
     assert rows["quant"]["int_backend"] and rows["quant-sim"]["int_backend"] is None
