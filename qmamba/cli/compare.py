@@ -1,7 +1,9 @@
 """`qmamba compare`: the whole story side by side. With no arguments: ref-mamba2 at W8A8H4 with
 FP, rtn, smoothquant, quamba, the strong baseline (rtn with dynamic per-channel state scales),
 dsq and qmamba; for each, test perplexity with the state re-quantized after every token, the
-two proxy-task accuracies, memory (weights + state at batch 1, vs FP16) and quantization time.
+two proxy-task accuracies, estimated memory (weights + state at batch 1 of the deployed form,
+from the shapes, vs an FP16 model) and quantization time. The float row is labelled with the dtype
+it is computed in (FP32 by default).
 Prints a Markdown table; --json and --plot write the results and a perplexity-vs-memory plot.
 
 Every method sees the same calibration windows and the same evaluation data.
@@ -92,7 +94,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         x, y = r["memory"]["total"] / 2 ** 20, r["perplexity"]
         ax.scatter(x, y, s=40)
         ax.annotate(f"{r['label']} {r['config']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("memory at batch 1: weights + state (MiB, float parts in FP16)")
+    ax.set_xlabel("estimated memory at batch 1: weights + state (MiB; from shapes, float parts as FP16)")
     ax.set_ylabel("test perplexity (state re-quantized every token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -107,7 +109,7 @@ def run(args) -> int:
     from .. import __version__
     from ..api import load
     from ..eval.perplexity import tokenize_text_file
-    from ..eval.suite import EvalSetup, Row, markdown, run_row
+    from ..eval.suite import EvalSetup, Row, float_config, markdown, run_row
     from ..quant.calibrate import calibration_ids
     from ..quant.config import QuantConfig
     from .eval import TEST_TEXT
@@ -136,7 +138,7 @@ def run(args) -> int:
     for name in names:
         method, opts = ROWS[name]
         if method == "fp":
-            rows.append(Row(method, "FP16", {}, label=name))
+            rows.append(Row(method, float_config(loaded.model), {}, label=name))
         else:
             if opts.get("state_quant") == "group":
                 opts = {**opts, "state_group_size": args.state_group_size}
@@ -148,14 +150,14 @@ def run(args) -> int:
         res = run_row(loaded.model, loaded.tokenizer, row, setup)
         res["seconds"] = round(time.time() - t, 1)
         results.append(res)
-        print(f"    ppl {res['perplexity']:.3f}, memory {res['memory']['total'] / 2 ** 20:.2f} MiB "
-              f"({res['memory']['ratio'] * 100:.1f}% of FP16), {res['seconds']:.0f} s", flush=True)
+        print(f"    ppl {res['perplexity']:.3f}, est. memory {res['memory']['total'] / 2 ** 20:.2f} MiB "
+              f"({res['memory']['ratio'] * 100:.1f}% of an FP16 model), {res['seconds']:.0f} s", flush=True)
     fp = next((r["perplexity"] for r in results if r["method"] == "fp"), None)
     table = markdown(results, fp)
     scope = (f"{loaded.name}; perplexity: {results[0]['tokens']:,} tokens of "
              f"{Path(args.ppl or TEST_TEXT).name} in windows of {args.seqlen}; tasks: "
              f"{', '.join(tasks) or 'none'}" + (f" (first {args.limit} items each)" if args.limit else "") +
-             f"; calibration {args.nsamples} x {args.calib_seqlen} tokens; memory at batch 1")
+             f"; calibration {args.nsamples} x {args.calib_seqlen} tokens; memory estimated at batch 1")
     print()
     print(table)
     print(f"\n{scope}; total {time.time() - t0:.0f} s")
