@@ -77,6 +77,14 @@ def test_norm_group_default_and_override(groups):
         assert from_hf_dict(whole.to_hf()).norm_group_size == cfg.d_inner
 
 
+def test_norm_group_must_divide_d_inner():
+    from qmamba.errors import QMambaError
+
+    raw = ModelConfig(arch="mamba2", vocab_size=16, d_model=64, n_layer=1, headdim=16, ngroups=2).to_hf()
+    with pytest.raises(QMambaError, match="does not divide d_inner 128"):
+        from_hf_dict({**raw, "qmamba_norm_group_size": 48})
+
+
 def test_written_config_reads_under_any_version(tmp_path, hf_factory):
     """What qmamba writes uses the 4.x float form (bare Infinity), which 4.57 and 5.x both read;
     the installed transformers builds the same model from it."""
