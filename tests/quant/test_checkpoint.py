@@ -309,7 +309,11 @@ def test_loaded_dtype_keeps_float32_scales(saved):
     assert m.backbone.layers[0].mixer.state_quant.s_n.dtype == torch.float32
     assert m.backbone.embeddings.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        assert torch.isfinite(m(IDS)).all()
+        out, ref = m(IDS).float(), model(IDS)
+    # bfloat16 activations (8-bit mantissa; some A8/H4 codes move) against the float32 model:
+    # close, not equal (measured 0.054; a wrong scale or code layout gives errors of order 1)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < err < 0.15, err
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
