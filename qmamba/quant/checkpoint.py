@@ -51,7 +51,10 @@ def export_tensors(model: MambaLM) -> tuple[dict, dict, dict]:
     qm = quantization_config(model)
     qm.update(format_version=ct.FORMAT_VERSION, extension_file=ct.EXTENSION_FILE,
               rotated_float_in_main=info["rotated"],
-              not_in_compressed_tensors=_not_expressed(model))
+              not_in_compressed_tensors=_not_expressed(model),
+              vllm=("not servable: vLLM's MambaMixer (Mamba1) takes no quantization config; load this "
+                    "folder with transformers or qmamba") if model.config.arch == "mamba1" else
+                   "the compressed-tensors part (float state); not verified by qmamba")
     return main, ext, {**info["fields"], ct.EXTENSION_KEY: qm}
 
 
