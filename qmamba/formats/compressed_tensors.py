@@ -271,11 +271,14 @@ class transformers_view:
         input x is not; Mamba1 dt_proj's input not quantized (transformers' MambaMixer multiplies
         by dt_proj.weight directly, past the module that would quantize its input);
       * a Hadamard-rotated out_proj (Quamba) without its input quantizer (stored float, un-rotated).
-    Static per-tensor scales are then applied identically; dynamic per-token scales differ by
-    design (compressed-tensors: amax / 127.5 and codes in [-128, 127]; qmamba: amax / 127, +-127)."""
+    Static per-tensor scales are then applied identically, and with `ct_clamp` (the default) the
+    codes are clamped to compressed-tensors' [-2^(A-1), 2^(A-1) - 1] instead of qmamba's
+    +-(2^(A-1) - 1), which matters only for activations beyond the calibrated range: the view then
+    equals transformers' logits. Dynamic per-token scales still differ by design
+    (compressed-tensors: amax / 127.5; qmamba: amax / 127)."""
 
-    def __init__(self, model):
-        self.model, self.undo = model, []
+    def __init__(self, model, ct_clamp: bool = True):
+        self.model, self.undo, self.ct_clamp = model, [], ct_clamp
 
     def _set(self, obj, attr, value):
         self.undo.append((obj, attr, getattr(obj, attr)))
@@ -307,6 +310,12 @@ class transformers_view:
                     for q in iq.modules():
                         if isinstance(q, ActQuantizer):
                             self._set(q, "mode", "off")
+        if self.ct_clamp:                  # only the linears' input quantizers are still on
+            from ..quant import primitives
+
+            qrange = primitives.qrange
+            self._set(primitives, "qrange", lambda bits, symmetric=True:
+                      (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else qrange(bits, False))
         return self.model
 
     def __exit__(self, *exc):
