@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from ..api import DEFAULT_MODEL, DTYPES, load
@@ -120,6 +121,9 @@ def check_quant_args(args) -> None:
     from ..methods.esr import ESRConfig
 
     ESRConfig(**{k: v for k, v in esr_options(args).items() if k != "resume_dir"})
+    lr = getattr(args, "esr_lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise QMambaError(f"--esr-lr must be a positive number, got {lr}")
     # ESR trains on the first N calibration sequences, their first L tokens: no more exist
     if getattr(args, "esr_nsamples", None) is not None and args.esr_nsamples > args.nsamples:
         raise QMambaError(f"--esr-nsamples {args.esr_nsamples:,} is more than the --nsamples {args.nsamples:,} "

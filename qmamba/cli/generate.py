@@ -9,6 +9,7 @@ int8 products and the packed state, as `qmamba bench` times it) or through dequa
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -43,6 +44,8 @@ MAX_NEW_TOKENS = 1 << 20      # a million tokens: beyond this a run is a typo, n
 def run(args) -> int:
     if not args.prompt:
         raise QMambaError("--prompt is empty")
+    if not math.isfinite(args.temperature):
+        raise QMambaError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.max_new_tokens > MAX_NEW_TOKENS:
         raise QMambaError(f"--max-new-tokens {args.max_new_tokens:,} is more than {MAX_NEW_TOKENS:,}, "
                           "the most one run generates")

@@ -277,6 +277,18 @@ def test_eval_bad_sizes(capsys, argv, needle, no_long_work):
     fails(argv, capsys, needle)
 
 
+# ----------------------------------------------------------------------------- other user mistakes
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "{m}", "--prompt", "x", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["generate", "{m}", "--prompt", "x", "--temperature", "inf"], "--temperature must be a finite number"),
+    (["quantize", "{m}", "--out", "{t}/q", "--esr-lr", "nan"], "--esr-lr must be a positive number, got nan"),
+    (["quantize", "{m}", "--out", "{t}/q", "--esr-lr", "-1"], "--esr-lr must be a positive number, got -1"),
+])
+def test_nonsense_numbers(capsys, tiny_copy, tmp_path, no_long_work, argv, needle):
+    fails([a.format(m=tiny_copy, t=tmp_path) for a in argv], capsys, needle)
+    assert not (tmp_path / "q").exists()
+
+
 # ----------------------------------------------------------------------------- 4. interrupted saves
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
