@@ -5,8 +5,6 @@ within 0.1% for Mamba2 W8A8 (the issue's bar); the other schemes are compared lo
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
@@ -18,9 +16,8 @@ from qmamba.quant.checkpoint import save_quantized
 from qmamba.quantize import quantize
 
 transformers = pytest.importorskip("transformers")
-if importlib.util.find_spec("compressed_tensors") is None:
-    pytest.skip("compressed-tensors is not installed (pip install 'compressed-tensors>=0.15'): transformers "
-                "cannot load compressed-tensors folders without it", allow_module_level=True)
+pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (pip install "
+                    "'compressed-tensors>=0.15'): transformers cannot load compressed-tensors folders without it")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip(f"transformers {transformers.__version__}: the export is verified with transformers 5.x "
                 "(4.x's compressed-tensors integration is not)", allow_module_level=True)
