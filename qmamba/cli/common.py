@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from pathlib import Path
 
 from ..api import DEFAULT_MODEL, DTYPES, load
@@ -136,6 +137,13 @@ def check_quant_args(args) -> None:
         from ..utils.io import check_output
 
         check_output(args.esr_resume, "--esr-resume", folder=True, force=True)
+        resume = Path(args.esr_resume)
+        if resume.is_dir() and any(resume.iterdir()) and not (resume / "progress.json").is_file():
+            raise QMambaError(f"--esr-resume {resume} is neither empty nor an ESR resume folder (no progress.json); "
+                              "give a new or empty folder")
+        out = getattr(args, "out", None)
+        if out is not None and Path(os.path.abspath(out)) in (p := Path(os.path.abspath(resume)), *p.parents):
+            raise QMambaError(f"--esr-resume {resume} must be outside --out {out}, which is replaced when saving")
 
 
 def check_esr_size(args, cfg) -> None:

@@ -76,6 +76,9 @@ def _check_args(args) -> list[str]:
         raise QMambaError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise QMambaError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.ppl is not None and not args.ppl.is_file():
+        what = "is a folder, not a file" if args.ppl.is_dir() else "does not exist"
+        raise QMambaError(f"text file {args.ppl} {what}")
     if args.json is not None:
         check_output(args.json, "--json")
     return tasks

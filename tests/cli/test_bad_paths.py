@@ -289,6 +289,40 @@ def test_nonsense_numbers(capsys, tiny_copy, tmp_path, no_long_work, argv, needl
     assert not (tmp_path / "q").exists()
 
 
+def test_esr_resume_into_a_model_folder_or_the_output(capsys, tiny_copy, tmp_path, no_long_work):
+    """ESR would write block*.pt and progress.json into the user's model folder, or into --out
+    (then replaced by the save, after all the work)."""
+    before = sorted(p.name for p in tiny_copy.iterdir())
+    fails(["quantize", str(tiny_copy), "--out", str(tmp_path / "q"), "--esr-resume", str(tiny_copy)], capsys,
+          "neither empty nor an ESR resume folder")
+    assert sorted(p.name for p in tiny_copy.iterdir()) == before
+    fails(["quantize", str(tiny_copy), "--out", str(tmp_path / "q"), "--esr-resume", str(tmp_path / "q" / "r")],
+          capsys, "must be outside --out")
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_text_checked_before_loading(capsys, tiny_copy, tmp_path, no_long_work):
+    fails(["eval", str(tiny_copy), "--ppl", str(tmp_path)], capsys, "is a folder, not a file")
+    fails(["eval", str(tiny_copy), "--ppl", str(tmp_path / "none.txt")], capsys, "does not exist")
+
+
+def test_inspect_quantized_refused_before_calibration(capsys, tiny_copy, tmp_path, monkeypatch):
+    import qmamba.quant.calibrate as calibrate
+    from qmamba.quantize import quantize
+    from qmamba.quant.checkpoint import save_quantized
+
+    loaded = api.load(tiny_copy)
+    quantize(loaded, "w8a8", method="rtn", nsamples=2, seqlen=16, progress=False)
+    save_quantized(loaded.model, tmp_path / "q", tokenizer_dir=tiny_copy)
+
+    def boom(*a, **k):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(calibrate, "calibration_ids", boom)
+    fails(["inspect", str(tmp_path / "q"), "--out", str(tmp_path / "i")], capsys, "already quantized")
+    assert not (tmp_path / "i").exists()
+
+
 # ----------------------------------------------------------------------------- 4. interrupted saves
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
