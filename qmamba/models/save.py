@@ -33,8 +33,9 @@ def state_dict_for_save(model: MambaLM) -> dict[str, torch.Tensor]:
     return sd
 
 
-# our temporary and replaced folders beside an output: .NAME.tmp-HOST-PID-RAND, .NAME.old-HOST-PID-RAND
-_OURS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[^/]*)-(?P<pid>\d+)-(?P<rand>[0-9a-f]{8})$")
+# our temporary and replaced folders beside an output NAME: .NAME.tmp-HOST-PID-RAND, .NAME.old-HOST-PID-RAND
+def _ours(out: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out.name)}\.(?P<kind>tmp|old)-{re.escape(_host())}-(?P<pid>\d+)-[0-9a-f]{{8}}$")
 
 
 def _host() -> str:
@@ -62,9 +63,10 @@ def clean_stale(out: Path) -> list[Path]:
         entries = list(out.parent.iterdir()) if out.parent.is_dir() else []
     except OSError:
         return removed
+    ours = _ours(out)
     for p in entries:
-        m = _OURS.match(p.name)
-        if not m or m["name"] != out.name or m["host"] != _host() or _alive(int(m["pid"])) or not p.is_dir():
+        m = ours.match(p.name)
+        if not m or _alive(int(m["pid"])) or not p.is_dir():
             continue
         try:
             if m["kind"] == "old" and not out.exists():
