@@ -100,9 +100,15 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=130)
+        tmp.replace(path)
+    except BaseException:                # no half-written hidden file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def run(args) -> int:

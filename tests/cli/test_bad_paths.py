@@ -426,3 +426,23 @@ def test_outputs_follow_umask(tiny_mamba2, tmp_path, mask):
 def test_hostname_is_safe_in_names(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "a/b-c.d")
     assert "/" not in save_mod._host()
+
+
+def test_compare_plot_into_new_folder_and_no_temp_left(tmp_path, monkeypatch):
+    """check_output accepts missing parent folders, so the plot writer must create them; a
+    failing write leaves no hidden temporary file."""
+    from qmamba.cli import compare
+
+    results = [{"memory": {"total": 1 << 20}, "perplexity": 10.0, "label": "fp", "config": "FP32"}]
+    compare.plot(results, tmp_path / "new" / "p.png", "title")
+    assert (tmp_path / "new" / "p.png").stat().st_size > 0
+    import matplotlib.figure
+
+    def full(self, fname, **k):
+        Path(fname).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    with pytest.raises(OSError):
+        compare.plot(results, tmp_path / "new" / "q.png", "title")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["p.png"]
