@@ -152,7 +152,8 @@ def export(model, sd: dict[str, Tensor]) -> tuple[dict, dict, dict]:
                 for k in keys:
                     ext[k] = sd[k]
                 w = mod.dequantized_weight(torch.float32)
-                main[name + ".weight"] = mod.input_quant.rotate(w).to(sd.get(name + ".bias", w).dtype).contiguous()
+                dtype = model.backbone.norm_f.weight.dtype                  # the model's float dtype
+                main[name + ".weight"] = mod.input_quant.rotate(w).to(dtype).contiguous()
                 ignore.append(name)
                 rotated.append(name)
                 used.update(keys)
