@@ -128,6 +128,23 @@ def _layout(q, device: torch.device) -> tuple:
             q.rounding == "stochastic")
 
 
+def _own_inductor_cache() -> None:
+    """Inductor keys its on-disk cache without ATEN_CPU_CAPABILITY: kernels cached by a run at
+    this CPU's best ISA come back under ATEN_CPU_CAPABILITY=avx2 computing NaN or garbage, and
+    under =default fail to build (measured with torch 2.13 on an AVX-512 CPU; the check against
+    eager then falls back). With the capability overridden, and no cache folder chosen by the
+    user, compiled steps get a cache folder of that capability's own."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not cap:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = default_cache_dir()
+    # inductor writes its default into the environment on first use: that is not a user's choice
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default, os.path.abspath(default)):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(f"{default}-aten-{cap}")
+
+
 def _compiled(key: tuple, eager):
     """torch.compile of `eager`, once per key; eager where compiling is off or impossible."""
     if not compile_enabled():
@@ -135,6 +152,7 @@ def _compiled(key: tuple, eager):
     if key not in _COMPILED:
         fn = eager
         try:
+            _own_inductor_cache()
             import torch._dynamo
             import torch._inductor.config
 

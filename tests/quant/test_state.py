@@ -52,6 +52,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -678,6 +679,29 @@ def test_a_broken_compile_falls_back_to_eager_and_says_so(broken, compiled_qscan
             "unavailable": "torch.compile is unavailable here (RuntimeError: no backend)"}[broken] in warnings[0]
     assert qscan.runs == {"eager": 2 * x.shape[1]}, qscan.runs
     assert rel(h, h_ref) <= RTOL and rel(y, y_ref) <= RTOL and torch.equal(y, y2)
+
+
+def test_overridden_cpu_capability_gets_its_own_inductor_cache(monkeypatch, tmp_path):
+    """Inductor's on-disk cache does not key on ATEN_CPU_CAPABILITY (kernels cached at AVX-512
+    computed NaN under =avx2 and failed to build under =default): with the capability
+    overridden, qscan moves inductor's default cache to a folder of that capability's own, and
+    leaves a folder the user chose alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    qscan._own_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.abspath(default_cache_dir() + "-aten-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))   # inductor's own
+    qscan._own_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("-aten-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))                        # the user's
+    qscan._own_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    qscan._own_inductor_cache()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
 @pytest.mark.parametrize("kind, mode, bits, rounding", [("dsq", "dynamic", 4, "nearest"),
