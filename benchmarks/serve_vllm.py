@@ -11,8 +11,11 @@ Steps, each printed as it runs:
   2. the model exported with `qmamba quantize MODEL --config w8a8 --method METHOD --out DIR`
      (unless --folder names an export), a compressed-tensors folder;
   3. `vllm serve DIR` on 127.0.0.1 (eager mode, float32), waited for on /health;
-  4. greedy completions of --prompts through the OpenAI-compatible API, their token ids compared
-     with qmamba's own greedy generation from the same folder (W8A8, float state);
+  4. greedy completions of 4 prompts through the OpenAI-compatible API, their token ids compared
+     with qmamba's greedy generation from the same folder, both as vLLM computes it (the
+     quantized linears with a float state and no mixer-internal quantizers: qmamba's
+     `transformers_view`; the exit status says whether these agree) and with every quantizer
+     qmamba applies (the internal activations x, B, C, dt, z and the conv input too);
   5. tokens/s of one longer greedy completion, then the server is stopped.
 Only loopback addresses are used; the request loop is bounded.
 """
@@ -85,18 +88,30 @@ def wait_healthy(base: str, proc: subprocess.Popen, limit_s: float) -> float:
     raise SystemExit(f"vllm serve did not answer on {base} within {limit_s:.0f} s")
 
 
-def qmamba_greedy(folder: Path, prompts, new_tokens: int) -> list[list[int]]:
+def qmamba_greedy(folder: Path, prompts, new_tokens: int) -> dict[str, list[list[int]]]:
+    """qmamba's greedy continuations from the same folder: with every quantizer qmamba has
+    ("qmamba": the state and the mixer-internal activations too) and as transformers and vLLM
+    compute the folder ("transformers_view": quantized linears only, float state)."""
     import qmamba
+    from qmamba.formats.compressed_tensors import transformers_view
     from qmamba.generate import generate
 
     loaded = qmamba.load(folder)
     tok = loaded.tokenizer
-    out = []
+    out: dict[str, list[list[int]]] = {"qmamba": [], "transformers_view": []}
     for p in prompts:
         ids = torch.tensor([tok(p)["input_ids"]])
-        full = generate(loaded.model, ids, new_tokens)
-        out.append(full[0, ids.shape[1]:].tolist())
+        out["qmamba"].append(generate(loaded.model, ids, new_tokens)[0, ids.shape[1]:].tolist())
+        if getattr(loaded.model, "quant_config", None) is None:
+            out["transformers_view"].append(out["qmamba"][-1])
+            continue
+        with transformers_view(loaded.model):
+            out["transformers_view"].append(generate(loaded.model, ids, new_tokens)[0, ids.shape[1]:].tolist())
     return out
+
+
+def first_difference(a: list[int], b: list[int]):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def main(argv=None) -> int:
@@ -156,13 +171,19 @@ def main(argv=None) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
     ours = qmamba_greedy(folder, PROMPTS, args.new_tokens)
     rows = []
-    for p, s, q in zip(PROMPTS, served, ours):
+    for i, (p, s) in enumerate(zip(PROMPTS, served)):
         ids = s["token_ids"] or []
-        first_diff = next((i for i, (a, b) in enumerate(zip(ids, q)) if a != b), None)
-        rows.append({"prompt": p, "vllm": ids, "qmamba": q, "same": ids == q, "first_difference": first_diff})
-        print(f"{p!r:<32} {'same' if ids == q else f'differ from token {first_diff}'}")
+        row = {"prompt": p, "vllm": ids}
+        for name, outs in ours.items():
+            row[name] = outs[i]
+            row[f"first_difference_vs_{name}"] = first_difference(ids, outs[i])
+        rows.append(row)
+        print(f"{p!r:<32} vs the transformers view: "
+              f"{'same' if row['first_difference_vs_transformers_view'] is None else 'differ from token %d' % row['first_difference_vs_transformers_view']}"
+              f"; vs qmamba (every quantizer): "
+              f"{'same' if row['first_difference_vs_qmamba'] is None else 'differ from token %d' % row['first_difference_vs_qmamba']}")
     result["comparison"] = rows
-    result["all_same"] = all(r["same"] for r in rows)
+    result["all_same"] = all(r["first_difference_vs_transformers_view"] is None for r in rows)
     print(f"vLLM decode: {result['speed']['tokens_per_s']:.1f} tokens/s "
           f"({result['speed']['completion_tokens']} tokens, one request)")
     if args.json:
