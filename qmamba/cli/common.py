@@ -161,8 +161,9 @@ def check_esr_size(args, cfg) -> None:
                 f"ESR on {n:,} sequences x {L:,} tokens x d_model {cfg.d_model:,} (--esr-nsamples, --esr-seqlen)")
 
 
-def load_model(args, quantize_in_memory: bool = True):
-    """Load args.model; with --quant, quantize it in memory (`qmamba.quantize`)."""
+def load_model(args, quantize_in_memory: bool = True, before_quantize=None):
+    """Load args.model; with --quant, quantize it in memory (`qmamba.quantize`), calling
+    `before_quantize(loaded)` on the float model first (e.g. to keep its outputs as a reference)."""
     if quantize_in_memory and getattr(args, "quant", None):
         check_quant_args(args)
     loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
@@ -172,6 +173,8 @@ def load_model(args, quantize_in_memory: bool = True):
         if getattr(loaded.model, "quant_config", None) is not None:
             raise QMambaError(f"{args.model} is already quantized; --quant applies to float models")
         check_esr_size(args, loaded.model.config)
+        if before_quantize is not None:
+            before_quantize(loaded)
         quantize(loaded, args.quant, calib=args.calib, method=args.method, nsamples=args.nsamples,
                  seqlen=args.calib_seqlen, seed=args.quant_seed, method_options=esr_options(args),
                  **quant_options(args))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import platform
 import time
 from pathlib import Path
@@ -37,6 +38,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tasks", metavar="NAMES", help="comma-separated zero-shot task names")
     p.add_argument("--limit", type=int, metavar="N", help="at most N examples per task")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="float model to measure KL divergence and top-1 agreement against (default: with "
+                        "--quant, the float model before quantizing; otherwise none)")
+    p.add_argument("--no-kld", action="store_true", help="perplexity only, no comparison with the float model")
     add_quant_args(p)
     p.set_defaults(func=run)
     return p
@@ -81,6 +86,8 @@ def _check_args(args) -> list[str]:
         raise QMambaError(f"text file {args.ppl} {what}")
     if args.json is not None:
         check_output(args.json, "--json")
+    if args.reference is not None and args.no_kld:
+        raise QMambaError("--reference and --no-kld contradict each other")
     return tasks
 
 
@@ -95,8 +102,23 @@ def _check_window_size(args, n_tokens: int, vocab: int) -> None:
                                                  f"of {vocab:,},", args.device)
 
 
+def _reference_of(args, loaded, ids):
+    """The float reference model named by --reference, evaluated on the same windows."""
+    from ..api import load
+    from ..eval.kld import fp_reference
+
+    other = load(args.reference, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    if getattr(other.model, "quant_config", None) is not None:
+        raise QMambaError(f"--reference {args.reference} is a quantized model; give the float one")
+    if other.model.config.vocab_size != loaded.model.config.vocab_size:
+        raise QMambaError(f"--reference {args.reference} has a vocabulary of {other.model.config.vocab_size:,}, "
+                          f"the model {loaded.model.config.vocab_size:,}: not the same model family")
+    return fp_reference(other.model, ids, args.seqlen, args.max_tokens, args.batch_size, progress=True)
+
+
 def run(args) -> int:
     from .. import __version__
+    from ..eval.kld import evaluate_against, fp_reference
     from ..eval.perplexity import perplexity, tokenize_text_file
 
     tasks = _check_args(args)
@@ -104,7 +126,17 @@ def run(args) -> int:
     if ppl_file is None and not tasks:
         ppl_file = TEST_TEXT                  # neither --ppl nor --tasks: the shipped test text
     t0 = time.perf_counter()
-    loaded = load_model(args)
+    ref, ids = None, None
+
+    def keep_reference(float_loaded):              # with --quant: the float model, before quantizing
+        nonlocal ref, ids
+        if ppl_file is not None and not args.no_kld and args.reference is None:
+            ids = tokenize_text_file(ppl_file, float_loaded.tokenizer)
+            _check_window_size(args, len(ids), float_loaded.model.config.vocab_size)
+            ref = fp_reference(float_loaded.model, ids, args.seqlen, args.max_tokens, args.batch_size,
+                               progress=True)
+
+    loaded = load_model(args, before_quantize=keep_reference)
     if loaded.tokenizer is None:
         raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")
     result = {
@@ -119,13 +151,32 @@ def run(args) -> int:
     print(f"{describe(loaded)}; {args.dtype} on {args.device}")
     t1 = time.perf_counter()
     if ppl_file is not None:
-        ids = tokenize_text_file(ppl_file, loaded.tokenizer)
-        _check_window_size(args, len(ids), loaded.model.config.vocab_size)
-        ppl = perplexity(loaded.model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens,
-                         batch_size=args.batch_size)
+        if ids is None:
+            ids = tokenize_text_file(ppl_file, loaded.tokenizer)
+            _check_window_size(args, len(ids), loaded.model.config.vocab_size)
+        if args.reference is not None:
+            ref = _reference_of(args, loaded, ids)
+            result["reference"] = args.reference
+        if ref is None:
+            ppl = perplexity(loaded.model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                             batch_size=args.batch_size)
+        else:                                   # one pass gives perplexity and the distance to float
+            dist = evaluate_against(loaded.model, ref, args.batch_size, progress=True)
+            ppl = {"perplexity": dist["perplexity"]["value"], "perplexity_ci95": dist["perplexity"]["ci95"],
+                   "nll": math.log(dist["perplexity"]["value"]), "tokens": dist["tokens"],
+                   "windows": dist["windows"], "seqlen": args.seqlen, "text_tokens": len(ids)}
+            result.update({k: dist[k] for k in ("kld", "top1_agreement", "rms_delta_p", "ppl_ratio")})
+            result["kld_reference"] = dist["reference"]
+            result["window_sums"] = dist["window_sums"]
         result.update(file=str(ppl_file), max_tokens=args.max_tokens, **ppl)
         print(f"perplexity {ppl['perplexity']:.4f} (nll {ppl['nll']:.4f}) on {Path(ppl_file).name}: "
               f"{ppl['tokens']:,} predicted tokens in {ppl['windows']} windows of {ppl['seqlen']}")
+        if ref is not None:
+            k, a = result["kld"], result["top1_agreement"]
+            print(f"vs float: KL divergence {k['mean']:.5f} [{k['ci95'][0]:.5f}, {k['ci95'][1]:.5f}] "
+                  f"(median {k['median']:.5f}, p99 {k['p99']:.4f}); top-1 agreement {a['value'] * 100:.2f}% "
+                  f"[{a['ci95'][0] * 100:.2f}, {a['ci95'][1] * 100:.2f}]; perplexity ratio "
+                  f"{result['ppl_ratio']['value']:.4f}; 95% intervals over windows")
     if tasks:
         result["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks, args.limit)
         result["limit"] = args.limit
