@@ -17,6 +17,8 @@ SHAPES = {
     "mamba2-130m": dict(_M2, d_model=768, n_layer=24),
     "mamba2-370m": dict(_M2, d_model=1024, n_layer=48),
     "mamba2-2.7b": dict(_M2, d_model=2560, n_layer=64),
+    # mistralai/Mamba-Codestral-7B-v0.1: 128 heads of 64, 8 groups, vocabulary 32768
+    "codestral-mamba-7b": dict(_M2, vocab_size=32768, d_model=4096, n_layer=64, ngroups=8),
 }
 
 
