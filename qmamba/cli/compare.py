@@ -45,6 +45,9 @@ ROWS = {
     "qmamba-group": ("qmamba", {"state_quant": "group"}),
 }
 DEFAULT_METHODS = "fp,rtn,smoothquant,quamba,rtn-channel,dsq,qmamba"
+TEXTS = Path(__file__).resolve().parents[1] / "assets" / "text"
+# out-of-domain test texts (scripts/build_heldout.py): never seen in training, never used for a choice
+HELDOUT = {"ood-drama": TEXTS / "ood_drama_test.txt", "ood-tech": TEXTS / "ood_tech_test.txt"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -68,6 +71,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--state-group-size", type=int, default=8, metavar="G",
                    help="state indices per scale in the *-group rows (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--texts", default="ood-drama,ood-tech", metavar="NAMES",
+                   help="more held-out texts, compared with the float model like the test text: shipped "
+                        f"out-of-domain ones ({', '.join(HELDOUT)}) or file paths, comma-separated "
+                        "(default %(default)s; '' for none)")
+    p.add_argument("--text-max-tokens", type=int, default=16384, metavar="N",
+                   help="tokens used of each of --texts (default %(default)s)")
+    p.add_argument("--baseline", default="dsq", metavar="ROW",
+                   help="row whose KL divergence the others are tested against, text by text (default %(default)s)")
+    p.add_argument("--no-kld", action="store_true", help="perplexity only, no comparison with the float model")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch (default 16)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG: perplexity vs memory per method")
@@ -81,6 +93,19 @@ def _rows(args) -> list[str]:
     if bad or not names:
         raise QMambaError(f"unknown row(s) {', '.join(bad) or '(none)'} in --methods; choose among {', '.join(ROWS)}")
     return names
+
+
+def _texts(spec: str) -> dict[str, Path]:
+    """--texts 'ood-drama,ood-tech,my.txt' -> {name: path}, every file checked before loading."""
+    out = {}
+    for item in (t.strip() for t in spec.split(",")):
+        if not item:
+            continue
+        path = HELDOUT.get(item, Path(item))
+        if not path.is_file():
+            raise QMambaError(f"--texts: {item!r} is neither a shipped text ({', '.join(HELDOUT)}) nor a file")
+        out[item if item in HELDOUT else path.stem] = path
+    return out
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -115,7 +140,7 @@ def run(args) -> int:
     from .. import __version__
     from ..api import load
     from ..eval.perplexity import tokenize_text_file
-    from ..eval.suite import EvalSetup, Row, float_config, markdown, run_row
+    from ..eval.suite import EvalSetup, Row, distance_markdown, float_config, markdown, run_row
     from ..quant.calibrate import calibration_ids
     from ..quant.config import QuantConfig
     from .eval import TEST_TEXT
@@ -128,6 +153,9 @@ def run(args) -> int:
         if path is not None:
             check_output(path, flag)
     check_calibration_size(args.nsamples, args.calib_seqlen)
+    texts = {} if args.no_kld else _texts(args.texts)
+    if args.text_max_tokens < 2:
+        raise QMambaError(f"--text-max-tokens must be at least 2, got {args.text_max_tokens}")
     t0 = time.time()
     loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     if getattr(loaded.model, "quant_config", None) is not None:
@@ -139,7 +167,8 @@ def run(args) -> int:
         test_ids=tokenize_text_file(args.ppl or TEST_TEXT, loaded.tokenizer),
         calib_ids=calibration_ids(loaded.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed),
         seqlen=args.seqlen, max_tokens=args.max_tokens or None, tasks=tasks, limit=args.limit or None,
-        batch_size=args.batch_size)
+        batch_size=args.batch_size, kld=not args.no_kld,
+        texts={name: tokenize_text_file(path, loaded.tokenizer)[:args.text_max_tokens] for name, path in texts.items()})
     rows = []
     for name in names:
         method, opts = ROWS[name]
@@ -160,17 +189,21 @@ def run(args) -> int:
               f"({res['memory']['ratio'] * 100:.1f}% of an FP16 model), {res['seconds']:.0f} s", flush=True)
     fp = next((r["perplexity"] for r in results if r["method"] == "fp"), None)
     table = markdown(results, fp)
+    distances = distance_markdown(results, args.baseline)
     scope = (f"{loaded.name}; perplexity: {results[0]['tokens']:,} tokens of "
              f"{Path(args.ppl or TEST_TEXT).name} in windows of {args.seqlen}; tasks: "
              f"{', '.join(tasks) or 'none'}" + (f" (first {args.limit} items each)" if args.limit else "") +
              f"; calibration {args.nsamples} x {args.calib_seqlen} tokens; memory estimated at batch 1")
     print()
     print(table)
+    if distances:
+        print("\nAgainst the float model, text by text:\n")
+        print(distances)
     print(f"\n{scope}; total {time.time() - t0:.0f} s")
     if args.json:
         atomic_write_json(args.json, {"model": loaded.name, "scope": scope, "qmamba_version": __version__,
                                       "torch_version": torch.__version__, "results": results,
-                                      "markdown": table, "seconds": round(time.time() - t0, 1)})
+                                      "markdown": table, "distance_markdown": distances, "seconds": round(time.time() - t0, 1)})
     if args.plot:
         try:
             plot(results, args.plot, scope if len(scope) < 90 else loaded.name)

@@ -226,6 +226,15 @@ def evaluate_against(model: nn.Module, ref: Reference, batch_size: int = 8, prog
     return out
 
 
+def self_summary(ref: Reference, n_boot: int = BOOTSTRAP) -> dict:
+    """The float model's own row: its perplexity (with interval) from the reference, distance 0."""
+    zeros = torch.zeros_like(ref.nll)
+    out = summarize({"kld": zeros, "same_top1": torch.ones_like(ref.nll, dtype=torch.bool), "nll": ref.nll,
+                     "nll_fp": ref.nll, "dp": zeros}, n_boot)
+    out["reference"] = ref.form
+    return out
+
+
 def accuracy_stderr(acc: float, n: int) -> float:
     """Standard error of an accuracy over n independent items (binomial)."""
     return math.sqrt(max(acc * (1 - acc), 0.0) / n) if n > 0 else float("nan")

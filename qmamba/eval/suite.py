@@ -41,6 +41,10 @@ class EvalSetup:
     batch_size: int = 16
     memory_batch: int = 1
     progress: bool = False
+    test_name: str = "test"               # the name of test_ids in tables
+    texts: dict = field(default_factory=dict)     # more held-out texts: name -> token ids
+    kld: bool = True                      # compare each row with the float model, text by text
+    references: dict = field(default_factory=dict, repr=False)   # name -> the float model's outputs
 
 
 @dataclass
@@ -72,12 +76,36 @@ def memory_of(model: MambaLM, batch: int) -> dict:
             "basis": MEMORY_BASIS.format(batch=batch)}
 
 
-def evaluate(model: MambaLM, tokenizer, setup: EvalSetup) -> dict:
+def _distances(model: MambaLM, fp_model: MambaLM, setup: EvalSetup) -> dict:
+    """{text: perplexity, KL divergence, top-1 agreement, ... with intervals} against the float
+    model, whose outputs are computed once per text and kept in `setup.references`."""
+    from .kld import evaluate_against, fp_reference, self_summary
+
+    out = {}
+    for name, ids in {setup.test_name: setup.test_ids, **setup.texts}.items():
+        ref = setup.references.get(name)
+        if ref is None:
+            ref = setup.references[name] = fp_reference(fp_model, ids, setup.seqlen, setup.max_tokens,
+                                                         setup.batch_size, progress=setup.progress)
+        out[name] = (self_summary(ref) if model is fp_model else
+                     evaluate_against(model, ref, setup.batch_size, setup.progress))
+    return out
+
+
+def evaluate(model: MambaLM, tokenizer, setup: EvalSetup, fp_model: Optional[MambaLM] = None) -> dict:
+    """Perplexity of every text (with the distance to `fp_model` when given and setup.kld) and the
+    tasks."""
     out = {}
     t = time.time()
-    ppl = perplexity(model, setup.test_ids, seqlen=setup.seqlen, max_tokens=setup.max_tokens,
-                     batch_size=setup.batch_size, progress=setup.progress)
-    out.update(perplexity=ppl["perplexity"], tokens=ppl["tokens"], ppl_seconds=round(time.time() - t, 1))
+    if setup.kld and fp_model is not None:
+        out["texts"] = _distances(model, fp_model, setup)
+        main = out["texts"][setup.test_name]
+        out.update(perplexity=main["perplexity"]["value"], tokens=main["tokens"])
+    else:
+        ppl = perplexity(model, setup.test_ids, seqlen=setup.seqlen, max_tokens=setup.max_tokens,
+                         batch_size=setup.batch_size, progress=setup.progress)
+        out.update(perplexity=ppl["perplexity"], tokens=ppl["tokens"])
+    out["ppl_seconds"] = round(time.time() - t, 1)
     if setup.tasks:
         from .harness import run_tasks
 
@@ -110,7 +138,7 @@ def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup) -> dict:
             res["state_quant"] = f"group{q.state_group_size}"
         if hasattr(model, "esr_records"):
             res["esr"] = model.esr_records
-    res.update(evaluate(model, tokenizer, setup))
+    res.update(evaluate(model, tokenizer, setup, fp_model))
     res["memory"] = memory_of(model, setup.memory_batch)
     return res
 
@@ -122,6 +150,16 @@ def headline(task_result: dict) -> Optional[float]:
         return None
     v = task_result.get("acc_norm")
     return v if v is not None else task_result.get("acc")
+
+
+def _acc_cell(task_result: dict) -> str:
+    """"0.2300 ± 0.042": the headline accuracy and lm-eval's standard error of it."""
+    acc = headline(task_result)
+    if acc is None:
+        return ""
+    key = "acc_norm_stderr" if task_result.get("acc_norm") is not None else "acc_stderr"
+    se = task_result.get(key)
+    return f"{acc:.4f} ± {se:.3f}" if isinstance(se, float) else f"{acc:.4f}"
 
 
 def mean_acc(res: dict) -> Optional[float]:
@@ -139,7 +177,7 @@ def markdown(results: list[dict], fp_ppl: Optional[float] = None) -> str:
     for r in results:
         state = f"{r['state_quant']} {r['state_scale']}" if r.get("state_quant") else "float"
         delta = f"{(r['perplexity'] / fp_ppl - 1) * 100:+.2f}%" if fp_ppl else ""
-        accs = [f"{headline(r['tasks'][t]):.4f}" if t in (r.get("tasks") or {}) else "" for t in task_names]
+        accs = [_acc_cell(r["tasks"][t]) if t in (r.get("tasks") or {}) else "" for t in task_names]
         m = mean_acc(r)
         mem = r["memory"]
         cells = [r["label"], r["config"], state, f"{r['perplexity']:.3f}", delta, *accs,
@@ -148,4 +186,42 @@ def markdown(results: list[dict], fp_ppl: Optional[float] = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if results:
         lines += ["", f"est. memory: {MEMORY_BASIS.format(batch=results[0]['memory'].get('batch', 1))}."]
+        if task_names:
+            lines.append("Accuracies: value ± standard error over the task's items.")
+    return "\n".join(lines)
+
+
+def distance_markdown(results: list[dict], baseline: Optional[str] = None) -> str:
+    """Per held-out text: perplexity vs the float model, mean KL divergence to it and top-1
+    agreement with their 95% intervals over windows. With `baseline` (a row label), a KLD marked
+    * differs from that row's beyond the 95% interval of the paired difference (same windows)."""
+    from .kld import paired_interval, significant
+
+    rows = [r for r in results if r.get("texts")]
+    if not rows:
+        return ""
+    names = list(rows[0]["texts"])
+    base = next((r for r in rows if r["label"] == baseline), None)
+    head = ["method", "config"]
+    for n in names:
+        head += [f"{n}: ppl vs FP", f"{n}: KLD [95% CI]", f"{n}: top-1 agree"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], r["config"]]
+        for n in names:
+            t = r["texts"][n]
+            ratio, k, a = t["ppl_ratio"], t["kld"], t["top1_agreement"]
+            mark = ""
+            if (base is not None and r is not base and r["method"] != FP
+                    and significant(paired_interval(t, base["texts"][n]))):
+                mark = "*"
+            cells += [f"{(ratio['value'] - 1) * 100:+.2f}%",
+                      f"{k['mean']:.4f}{mark} [{k['ci95'][0]:.4f}, {k['ci95'][1]:.4f}]",
+                      f"{a['value'] * 100:.2f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    t0 = rows[0]["texts"]
+    lines += ["", "Texts: " + "; ".join(f"{n} ({t0[n]['tokens']:,} predicted tokens, {t0[n]['windows']} windows)"
+                                       for n in names) + ". Intervals: bootstrap over windows." +
+              (f" * = KLD differs from {baseline}'s on the same windows (95% paired interval excludes 0)."
+               if base is not None else "")]
     return "\n".join(lines)

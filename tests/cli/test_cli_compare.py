@@ -19,7 +19,8 @@ from qmamba.quant.calibrate import calibration_ids
 
 TEST_TEXT = Path(__file__).resolve().parents[2] / "qmamba" / "assets" / "text" / "test.txt"
 
-SMALL = ["--max-tokens", "256", "--seqlen", "64", "--limit", "4", "--nsamples", "4", "--calib-seqlen", "64",
+SMALL = ["--max-tokens", "256", "--text-max-tokens", "256", "--seqlen", "64", "--limit", "4", "--nsamples", "4",
+         "--calib-seqlen", "64",
          "--tasks", "nextsent_proxy"]
 
 
