@@ -16,6 +16,7 @@ in model.safetensors) still load.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -143,6 +144,11 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
     qcfg = QuantConfig.from_dict(qc)
     method = get_method(qc.get("method", "rtn"))
     cfg = from_hf_dict(raw)
+    if qc is outer and cfg.arch == "mamba2" and cfg.ngroups > 1 and "qmamba_norm_group_size" not in raw:
+        # format_version 1 was written when qmamba normalised all of d_inner for transformers
+        # configs (transformers < 5.23 did, mamba_ssm never did) and wrote the group size only
+        # when it differed from d_inner: such a folder was calibrated with the whole-width norm
+        cfg = dataclasses.replace(cfg, norm_group_size=cfg.d_inner)
     with torch.device("meta"):
         model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method.name, qc)
     if qc is not outer:

@@ -5,6 +5,7 @@ scales; config.json says how to rebuild; saving is atomic; mismatches are refuse
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -336,9 +337,35 @@ def test_format_version_1_folders_still_load(tmp_path):
     model = quantized("mamba2", "w4a8h4-g8", "qmamba")
     out = save_model(model, tmp_path / "v1", extra_config={"quantization_config": quantization_config(model)},
                      tensors=state_dict_for_save(model))
+    # format_version 1 wrote a Mamba2's gated-norm group size whenever it was not all of d_inner
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "qmamba_norm_group_size": model.config.norm_group_size}))
     raw = json.loads((out / "config.json").read_text())["quantization_config"]
     assert raw["quant_method"] == "qmamba" and raw["format_version"] == FORMAT_VERSION == 1
     loaded = qmamba.load(out).model
+    before, after = logits_and_steps(model), logits_and_steps(loaded)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_format_version_1_grouped_mamba2_keeps_its_whole_width_norm(tmp_path):
+    """A grouped Mamba2 quantized by qmamba before the per-group gated norm (format_version 1, a
+    transformers config, no qmamba_norm_group_size: the norm was over all of d_inner) loads with
+    the function it was calibrated with, not with the per-group norm of today's default."""
+    from qmamba.models.save import save_model, state_dict_for_save
+    from qmamba.quant.checkpoint import quantization_config
+
+    fp = float_model("mamba2")
+    fp.config = dataclasses.replace(fp.config, norm_group_size=fp.config.d_inner)
+    for layer in fp.backbone.layers:
+        layer.mixer.norm.group_size = fp.config.d_inner
+    model = quantize(fp, "w8a8h4", calib=CALIB, method="rtn", progress=False)
+    out = save_model(model, tmp_path / "v1", extra_config={"quantization_config": quantization_config(model)},
+                     tensors=state_dict_for_save(model))
+    raw = json.loads((out / "config.json").read_text())
+    raw.pop("qmamba_norm_group_size", None)                    # as format_version 1 wrote it
+    (out / "config.json").write_text(json.dumps(raw))
+    loaded = qmamba.load(out).model
+    assert loaded.backbone.layers[0].mixer.norm.group_size == model.config.d_inner
     before, after = logits_and_steps(model), logits_and_steps(loaded)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
