@@ -9,8 +9,10 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 
 from ..errors import QMambaError
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     restore = _exit_on_sigterm()
     try:
-        return int(args.func(args) or 0)
+        with _threads(args):
+            return int(args.func(args) or 0)
     except QMambaError as e:
         if args.debug:
             raise
@@ -54,6 +57,26 @@ def main(argv=None) -> int:
         return 143
     finally:
         restore()
+
+
+@contextlib.contextmanager
+def _threads(args):
+    """The command's PyTorch work on every core this process may run on, or on --threads N;
+    bench sets the threads of its own worker processes. The previous count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        if hasattr(args, "threads") and args.command != "bench":
+            n = args.threads
+            if n is None:
+                n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            elif n < 1:
+                raise QMambaError(f"--threads must be positive, got {n}")
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Terminated(BaseException):

@@ -33,6 +33,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
                    help="tokenizer folder or tokenizer.json (default: the model's own)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: every core this process may run on)")
 
 
 def add_quant_args(p: argparse.ArgumentParser, config_flag: str = "--quant", default_method: str = "qmamba",
