@@ -114,7 +114,9 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    texts = [n for n in (results[0].get("texts") or {})] if results else []
+    fig, axes = plt.subplots(1, 2 if texts else 1, figsize=(13 if texts else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
     for r in results:
         x, y = r["memory"]["total"] / 2 ** 20, r["perplexity"]
         ax.scatter(x, y, s=40)
@@ -123,6 +125,20 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("test perplexity (state re-quantized every token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    if texts:                            # KL divergence to the float model, per text, with intervals
+        ax = axes[0, 1]
+        quantized = [r for r in results if r["method"] != "fp"]
+        width = 0.8 / len(texts)
+        for j, name in enumerate(texts):
+            xs = [i + (j - (len(texts) - 1) / 2) * width for i in range(len(quantized))]
+            k = [r["texts"][name]["kld"] for r in quantized]
+            ax.bar(xs, [v["mean"] for v in k], width, label=name,
+                   yerr=[[v["mean"] - v["ci95"][0] for v in k], [v["ci95"][1] - v["mean"] for v in k]], capsize=2)
+        ax.set_xticks(range(len(quantized)), [f"{r['label']}\n{r['config']}" for r in quantized], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("KL divergence to the float model (nats/token, 95% CI)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
