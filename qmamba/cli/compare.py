@@ -3,8 +3,10 @@ FP, rtn, smoothquant, quamba, the strong baseline (rtn with dynamic per-channel 
 dsq and qmamba; for each, test perplexity with the state re-quantized after every token, the
 two proxy-task accuracies, estimated memory (weights + state at batch 1 of the deployed form,
 from the shapes, vs an FP16 model) and quantization time. The float row is labelled with the dtype
-it is computed in (FP32 by default).
-Prints a Markdown table; --json and --plot write the results and a perplexity-vs-memory plot.
+it is computed in (FP32 by default). Each row is also compared with the float model on the test
+text and on out-of-domain texts: KL divergence, top-1 agreement and perplexity ratio, with 95%
+intervals, and whether a row's KL divergence differs from the baseline row's (dsq).
+Prints Markdown tables; --json and --plot write the results and a plot.
 
 Every method sees the same calibration windows and the same evaluation data.
 """
@@ -82,7 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-kld", action="store_true", help="perplexity only, no comparison with the float model")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch (default 16)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")
-    p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG: perplexity vs memory per method")
+    p.add_argument("--plot", type=Path, metavar="FILE",
+                   help="write a PNG: perplexity vs memory, and KL divergence per text, per method")
     p.set_defaults(func=run)
     return p
 
