@@ -17,7 +17,7 @@ h heads x p head dim) and n state indices. Every quantizer is symmetric with cod
 float16 (the fake quantizer rounds them to float16 too, so simulated and stored states agree
 exactly); "static" scales come from calibration and cost nothing per write. Writes round to
 nearest or stochastically (floor(v + U[0, 1)), seeded), which keeps small updates alive with
-static scales (see ../shared/docs/method.md).
+static scales (see docs/design.md).
 
 Semantics (every metric): the state is re-quantized after every token; `forward(h)` is that
 quantize-dequantize, `QuantizedSSMState` is the real integer cache with the same numerics.

@@ -1,7 +1,7 @@
 """The quantized SSM state (qmamba.quant.state): every quantizer kind x scale mode x bits x
 rounding, on a tiny Mamba1 (d_state 16) and a tiny Mamba2 (4 heads, d_state 32, 2 groups).
 
-What is checked, against the contract of docs/method.md (the state is STORED at H bits after every
+What is checked, against the contract of docs/usage.md (the state is STORED at H bits after every
 token, re-quantized after each update, dequantized before the next):
   (a) decoding token by token through the integer cache (`model.step`) gives the logits of the
       full forward (which runs the exact per-token quantized recurrence with the fake quantizer),
