@@ -11,7 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import QMambaError
 from ..utils.io import check_output
 from .common import add_model_args, add_quant_args, describe, load_model
 
@@ -33,10 +32,7 @@ def run(args) -> int:
     check_output(args.out, "--out", folder=True, force=args.force)      # before hours of calibration
     loaded = load_model(args)
     tok_dir = args.tokenizer if args.tokenizer is not None and args.tokenizer.is_dir() else loaded.path
-    try:
-        save_quantized(loaded.model, args.out, tokenizer_dir=tok_dir, force=args.force)
-    except OSError as e:                 # the folder went away or the disk filled up meanwhile
-        raise QMambaError(f"cannot write --out {args.out}: {e.strerror or e}") from None
+    save_quantized(loaded.model, args.out, tokenizer_dir=tok_dir, force=args.force)   # write errors: one line
     print(describe(loaded))
     print(f"quantized in {loaded.model.quant_seconds:.1f} s; saved to {args.out}")
     qc = json.loads((args.out / "config.json").read_text())["quantization_config"]

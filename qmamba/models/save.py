@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import QMambaError
-from ..utils.io import check_output
+from ..utils.io import check_output, umask
 from .lm import MambaLM
 
 log = logging.getLogger("qmamba")
@@ -88,8 +88,7 @@ def _sibling(out: Path, kind: str) -> Path:
 def _user_modes(folder: Path) -> None:
     """The modes a plain mkdir/open would give (0777/0666 less the umask): some writers
     (safetensors) create their files 0600."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    mask = umask()
     folder.chmod(0o777 & ~mask)
     for f in folder.iterdir():
         if f.is_file() and not f.is_symlink():
@@ -105,9 +104,7 @@ def atomic_folder(out: Path, force: bool):
     clean_stale(out)
     if out.exists() and not force:
         raise QMambaError(f"output folder {out} already exists (pass --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise QMambaError(f"output {out} is a file, not a folder")
-    check_output(out, "output folder", folder=True, force=True)     # a parent that is a file, ...
+    check_output(out, "output folder", folder=True, force=True)     # a file there, a parent that is a file, ...
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _sibling(out, "tmp")
@@ -132,8 +129,11 @@ def atomic_folder(out: Path, force: bool):
 
 
 def save_model(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force: bool = False,
-               extra_config: Optional[dict] = None, tensors: Optional[dict] = None) -> Path:
-    """Save `model` (or the given `tensors`) with its transformers-style config.json."""
+               extra_config: Optional[dict] = None, tensors: Optional[dict] = None,
+               files: Optional[dict] = None, json_files: Optional[dict] = None) -> Path:
+    """Save `model` with its transformers-style config.json, atomically: its state dict (or the
+    given `tensors`) as model.safetensors, or `files` ({file name: tensors}) as safetensors files,
+    plus `json_files` ({file name: object}) and the tokenizer files of `tokenizer_dir`."""
     out = Path(out)
     tmp, commit, abort = atomic_folder(out, force)
     try:
@@ -141,8 +141,12 @@ def save_model(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force:
         cfg["torch_dtype"] = str(model.backbone.norm_f.weight.dtype).replace("torch.", "")
         cfg.update(extra_config or {})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file(tensors if tensors is not None else state_dict_for_save(model),
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if files is None:
+            files = {"model.safetensors": tensors if tensors is not None else state_dict_for_save(model)}
+        for name, sd in files.items():
+            save_file(sd, str(tmp / name), metadata={"format": "pt"})
+        for name, obj in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name

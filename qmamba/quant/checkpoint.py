@@ -17,7 +17,6 @@ in model.safetensors) still load.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,7 @@ from ..errors import QMambaError
 from ..formats import compressed_tensors as ct
 from ..models.config import from_hf_dict
 from ..models.lm import MambaLM
-from ..models.save import atomic_folder, state_dict_for_save
+from ..models.save import save_model, state_dict_for_save
 from .apply import install_quantizers, quantize_weights
 from .config import FORMAT_VERSION, QuantConfig
 
@@ -76,33 +75,14 @@ def _not_expressed(model: MambaLM) -> list[str]:
 
 def save_quantized(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force: bool = False) -> Path:
     """Write a quantized model atomically to `out`: compressed-tensors + qmamba's extension."""
-    from ..models import save as save_module        # its save_file: tests replace it to fail a save
-
     if not hasattr(model, "quant_config"):
         raise QMambaError("this model is not quantized; run qmamba.quantize first")
     main, ext, qc = export_tensors(model)
-    out = Path(out)
-    tmp, commit, abort = atomic_folder(out, force)
-    try:
-        cfg = model.config.to_hf()
-        cfg["torch_dtype"] = str(model.backbone.norm_f.weight.dtype).replace("torch.", "")
-        cfg["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_module.save_file(main, str(tmp / ct.MAIN_FILE), metadata={"format": "pt"})
-        save_module.save_file(ext, str(tmp / ct.EXTENSION_FILE), metadata={"format": "pt"})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in main.values())},
-                 "weight_map": {k: ct.MAIN_FILE for k in sorted(main)}}
-        (tmp / ct.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for name in save_module.TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.exists():
-                    (tmp / name).write_bytes(src.read_bytes())
-        commit()
-    except BaseException:
-        abort()
-        raise
-    return out
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in main.values())},
+             "weight_map": {k: ct.MAIN_FILE for k in sorted(main)}}
+    return save_model(model, out, tokenizer_dir=tokenizer_dir, force=force,
+                      extra_config={"quantization_config": qc},
+                      files={ct.MAIN_FILE: main, ct.EXTENSION_FILE: ext}, json_files={ct.INDEX_FILE: index})
 
 
 def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None) -> MambaLM:
