@@ -29,7 +29,7 @@ def atomic_write_text(path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600; a plain open() would not
+        os.chmod(tmp, 0o666 & ~umask())          # mkstemp makes 0600; a plain open() would not
         os.replace(tmp, path)
     except OSError as e:                            # disk full, target became a folder, ...
         Path(tmp).unlink(missing_ok=True)
@@ -40,7 +40,8 @@ def atomic_write_text(path, text: str) -> Path:
     return path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
