@@ -23,6 +23,7 @@ import torch
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json, check_output
 from .common import add_model_args, check_calibration_size
+from .eval import TEST_TEXT
 
 log = logging.getLogger("qmamba")
 
@@ -47,9 +48,8 @@ ROWS = {
     "qmamba-group": ("qmamba", {"state_quant": "group"}),
 }
 DEFAULT_METHODS = "fp,rtn,smoothquant,quamba,rtn-channel,dsq,qmamba"
-TEXTS = Path(__file__).resolve().parents[1] / "assets" / "text"
 # out-of-domain test texts (scripts/build_heldout.py): never seen in training, never used for a choice
-HELDOUT = {"ood-drama": TEXTS / "ood_drama_test.txt", "ood-tech": TEXTS / "ood_tech_test.txt"}
+HELDOUT = {"ood-drama": TEST_TEXT.parent / "ood_drama_test.txt", "ood-tech": TEST_TEXT.parent / "ood_tech_test.txt"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -162,7 +162,6 @@ def run(args) -> int:
     from ..eval.suite import EvalSetup, Row, distance_markdown, float_config, markdown, run_row
     from ..quant.calibrate import calibration_ids
     from ..quant.config import QuantConfig
-    from .eval import TEST_TEXT
 
     names = _rows(args)
     configs = [QuantConfig.parse(c).name for c in args.config or ["w8a8h4"]]    # canonical: W8A8H4

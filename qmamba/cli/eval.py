@@ -128,11 +128,15 @@ def run(args) -> int:
     t0 = time.perf_counter()
     ref, ids = None, None
 
+    def text_ids(lm):
+        out = tokenize_text_file(ppl_file, lm.tokenizer)
+        _check_window_size(args, len(out), lm.model.config.vocab_size)
+        return out
+
     def keep_reference(float_loaded):              # with --quant: the float model, before quantizing
         nonlocal ref, ids
         if ppl_file is not None and not args.no_kld and args.reference is None:
-            ids = tokenize_text_file(ppl_file, float_loaded.tokenizer)
-            _check_window_size(args, len(ids), float_loaded.model.config.vocab_size)
+            ids = text_ids(float_loaded)
             ref = fp_reference(float_loaded.model, ids, args.seqlen, args.max_tokens, args.batch_size,
                                progress=True)
 
@@ -152,8 +156,7 @@ def run(args) -> int:
     t1 = time.perf_counter()
     if ppl_file is not None:
         if ids is None:
-            ids = tokenize_text_file(ppl_file, loaded.tokenizer)
-            _check_window_size(args, len(ids), loaded.model.config.vocab_size)
+            ids = text_ids(loaded)
         if args.reference is not None:
             ref = _reference_of(args, loaded, ids)
             result["reference"] = args.reference

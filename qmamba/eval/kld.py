@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -147,7 +146,8 @@ def resample_counts(n_windows: int, n: int = BOOTSTRAP, seed: int = 0) -> Tensor
     """(n, w) how often each window is drawn in each bootstrap resample (same seed, same draws)."""
     g = torch.Generator().manual_seed(seed)
     draws = torch.randint(n_windows, (n, n_windows), generator=g)
-    return F.one_hot(draws, n_windows).sum(1).double()
+    return torch.zeros(n, n_windows, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, n_windows,
+                                                                                         dtype=torch.float64))
 
 
 def _interval(samples: Tensor, level: float = LEVEL) -> list[float]:

@@ -42,16 +42,13 @@ def writer_version(raw: dict) -> tuple[int, ...]:
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """'5.23.0.dev0' -> (5, 23, 0); unparsable parts stop the tuple ((0,) if none parse)."""
-    out = []
-    for part in text.split("."):
-        digits = part[:len(part) - len(part.lstrip("0123456789"))]         # leading digits
-        if not digits:
-            break
-        out.append(int(digits))
-        if digits != part:                                                  # "0rc1", "0dev0"
-            break
-    return tuple(out) or (0,)
+    """'5.23.0.dev0' -> (5, 23, 0), the release part of a PEP 440 version ((0,) if unparsable)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(text).release
+    except InvalidVersion:
+        return (0,)
 
 
 def tied_head(raw: dict, sd: dict, default: bool, head: str, embeddings: str) -> bool:
