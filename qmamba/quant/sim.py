@@ -18,10 +18,11 @@ which is non-linear in time and so has no parallel scan. Each simulation is diff
   "exact"    (D) the exact sequential recurrence with straight-through rounding (the reference;
              a Python loop over time under autograd, slow).
 
-ESR's default is "chunk": in the study (README, benchmarks/esr_study.py, one CPU thread) it was
-4.6x faster per block than "exact" on ref-mamba2 and 2.3x on ref-mamba1 (whose 16-wide state
-makes the exact loop cheap), with test perplexity after ESR within 0.3% of exact's; "readout"
-and "errscan" materialise (b, l, d, n) states and are slower than "chunk" on CPU.
+ESR's default is "exact": on the dev texts (benchmarks/esr_dev_sweep.py, ref-mamba2, W8A8H4) it
+gave a lower KL divergence to the float model than "chunk" beyond the paired 95% interval on both
+dev texts (0.0137 vs 0.0220 and 0.0341 vs 0.0414) at about 7x the reconstruction time; "chunk"
+(`sim="chunk"`, `--esr-sim chunk`) is the fast choice. "readout" and "errscan" materialise
+(b, l, d, n) states and are slower than "chunk" on CPU.
 
 Shapes use the glossary of `qmamba.models.scan` (per-channel forms: x, dt (b, l, d); A (d, n) or
 (d, 1); B, C (b, l, g, n); D (d,)).
