@@ -70,12 +70,13 @@ ESR_FLAGS = {"esr_sim": "sim", "esr_epochs": "epochs", "esr_lr": "lr", "esr_nsam
              "esr_resume": "resume_dir"}
 
 
-def add_esr_args(p: argparse.ArgumentParser) -> None:
+def add_esr_args(p: argparse.ArgumentParser, rows: bool = False) -> None:
+    """The --esr-* flags; `rows`: for compare, where they apply to every row that runs ESR."""
     from ..methods.esr import ESRConfig
     from ..quant.sim import SIMS
 
     d = ESRConfig()
-    g = p.add_argument_group("ESR reconstruction (--method qmamba)")
+    g = p.add_argument_group("ESR reconstruction (" + ("the rows that run ESR" if rows else "--method qmamba") + ")")
     g.add_argument("--esr-sim", choices=list(SIMS), help=f"quantized-state simulation while training (default {d.sim})")
     g.add_argument("--esr-epochs", type=int, metavar="E", help=f"epochs per block (default {d.epochs})")
     g.add_argument("--esr-lr", type=float, metavar="LR", help=f"AdamW learning rate (default {d.lr})")
@@ -84,8 +85,9 @@ def add_esr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--esr-seqlen", type=int, metavar="L", help=f"tokens per ESR sequence (default {d.seqlen})")
     g.add_argument("--esr-batch-size", type=int, metavar="B", help=f"ESR batch size (default {d.batch_size})")
     g.add_argument("--esr-dt-bias", action="store_true", default=None, help="also learn the dt bias")
-    g.add_argument("--esr-resume", type=Path, metavar="DIR",
-                   help="save each finished block here and resume an interrupted run from it")
+    if not rows:
+        g.add_argument("--esr-resume", type=Path, metavar="DIR",
+                       help="save each finished block here and resume an interrupted run from it")
 
 
 def esr_options(args) -> dict:

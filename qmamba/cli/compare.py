@@ -22,7 +22,7 @@ import torch
 
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json, check_output
-from .common import add_model_args, check_calibration_size
+from .common import ESR_FLAGS, add_esr_args, add_model_args, check_calibration_size
 from .eval import TEST_TEXT
 
 log = logging.getLogger("qmamba")
@@ -86,6 +86,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE",
                    help="write a PNG: perplexity vs memory, and KL divergence per text, per method")
+    add_esr_args(p, rows=True)
     p.set_defaults(func=run)
     return p
 
@@ -155,6 +156,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         plt.close(fig)
 
 
+def _esr_options(args, names: list[str]) -> dict:
+    """ESRConfig options from the --esr-* flags, for every row that runs ESR."""
+    opts = {field: getattr(args, flag) for flag, field in ESR_FLAGS.items() if getattr(args, flag, None) is not None}
+    if opts and not any(ROWS[n][0] == "qmamba" for n in names):
+        raise QMambaError("--esr-* flags need a row with ESR in --methods (qmamba, esr-tensor, qmamba-*)")
+    return opts
+
+
 def run(args) -> int:
     from .. import __version__
     from ..api import load
@@ -164,6 +173,7 @@ def run(args) -> int:
     from ..quant.config import QuantConfig
 
     names = _rows(args)
+    esr = _esr_options(args, names)
     configs = [QuantConfig.parse(c).name for c in args.config or ["w8a8h4"]]    # canonical: W8A8H4
     if args.seqlen < 2 or args.nsamples < 1 or args.limit < 0 or args.max_tokens < 0 or args.state_group_size < 1:
         raise QMambaError("--seqlen must be >= 2, --nsamples and --state-group-size >= 1, --limit and --max-tokens >= 0")
@@ -195,6 +205,8 @@ def run(args) -> int:
         else:
             if opts.get("state_quant") == "group":
                 opts = {**opts, "state_group_size": args.state_group_size}
+            if method == "qmamba" and esr:
+                opts = {**opts, "method_options": {**opts.get("method_options", {}), **esr}}
             rows.extend(Row(method, c, {**opts, "seed": args.seed}, label=name) for c in configs)
     results = []
     for row in rows:

@@ -94,7 +94,23 @@ def test_group_rows_take_the_group_size(tiny_mamba2, tmp_path):
     assert group["perplexity"] != dsq["perplexity"]
 
 
+def test_esr_flags_reach_every_esr_row(tiny_mamba2, tmp_path):
+    """--esr-* flags set the ESR options of the rows that run ESR (recorded in the JSON) and change
+    what they compute; rows without ESR ignore them."""
+    ppl = {}
+    for sim in ("chunk", "exact"):
+        out = tmp_path / f"{sim}.json"
+        assert main(["compare", str(tiny_mamba2[1]), "--methods", "dsq,qmamba-fast", "--esr-sim", sim,
+                     "--esr-lr", "0.05", *SMALL, "--no-kld", "--json", str(out)]) == 0
+        dsq, esr = json.loads(out.read_text())["results"]
+        assert "method_options" not in dsq["options"]
+        assert esr["options"]["method_options"] == dict(nsamples=2, seqlen=32, epochs=1, sim=sim, lr=0.05)
+        ppl[sim] = (dsq["perplexity"], esr["perplexity"])
+    assert ppl["chunk"][0] == ppl["exact"][0] and ppl["chunk"][1] != ppl["exact"][1]
+
+
 @pytest.mark.parametrize("extra, needle", [
+    (["--methods", "fp,dsq", "--esr-epochs", "2"], "--esr-* flags need a row with ESR"),
     (["--methods", "fp,gptq"], "unknown row(s) gptq"),
     (["--config", "w9a8"], "W9 is not supported"),
     (["--seqlen", "1"], "--seqlen must be >= 2"),
