@@ -2,7 +2,9 @@
 
     python benchmarks/esr_dev_sweep.py --model ref-mamba2 --json benchmarks/results/esr_dev_ref-mamba2.json
 
-For each setting of --grid (epochs:lr:simulation; the first is the current default), `qmamba`
+For each setting of --grid (ESR options as key=value pairs joined by ',', settings separated by
+';'; an empty setting is the current default, and the first setting is what the others are
+judged against), `qmamba`
 (DSQ + ESR) at W8A8H4 with compare's calibration (64 x 512 tokens of the validation text), then
 the KL divergence to the float model on each dev text (the first --max-tokens tokens of
 ood_drama_dev.txt and ood_tech_dev.txt, windows of 1024), with its 95% interval and the paired
@@ -19,22 +21,38 @@ import copy
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import qmamba
 from qmamba.eval import kld, tokenize_text_file
+from qmamba.methods.esr import ESRConfig
 from qmamba.quant.calibrate import calibration_ids
 
 TEXTS = Path(qmamba.__file__).resolve().parent / "assets" / "text"
 DEV = {"drama-dev": TEXTS / "ood_drama_dev.txt", "tech-dev": TEXTS / "ood_tech_dev.txt"}
 
 
+def _setting(spec: str) -> dict:
+    """'sim=exact,epochs=8' -> the full ESRConfig options it means (defaults filled in)."""
+    defaults = asdict(ESRConfig())
+    opts = {}
+    for pair in filter(None, (p.strip() for p in spec.split(","))):
+        key, _, value = pair.partition("=")
+        if key not in defaults or key in ("device", "resume_dir"):
+            raise SystemExit(f"unknown ESR option {key!r} in --grid")
+        opts[key] = type(defaults[key])(value) if not isinstance(defaults[key], bool) else value == "true"
+    ESRConfig(**opts)                       # validates
+    return {k: opts.get(k, defaults[k]) for k in ("sim", "epochs", "lr", "nsamples", "seqlen", "chunk")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ref-mamba2")
-    ap.add_argument("--grid", default="4:0.02:chunk,2:0.02:chunk,4:0.005:chunk,8:0.01:chunk,4:0.02:exact",
-                    help="comma-separated epochs:lr:simulation settings (default %(default)s; the first is the "
-                         "current default)")
+    ap.add_argument("--grid", default=";sim=chunk;sim=chunk,epochs=8,lr=0.01;epochs=2;lr=0.005",
+                    help="';'-separated settings of ESR options (key=value, ','-separated); '' is the current "
+                         "default; the first setting is the one the others are judged against "
+                         "(default %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -53,9 +71,8 @@ def main(argv=None) -> int:
 
     base = measure("dsq", {})
     rows, results = [], []
-    for spec in args.grid.split(","):
-        epochs, lr, sim = spec.split(":")
-        opts = {"epochs": int(epochs), "lr": float(lr), "sim": sim}
+    for spec in args.grid.split(";"):
+        opts = _setting(spec)
         res = measure("qmamba", opts)
         results.append(res)
         default = results[0]
@@ -67,7 +84,7 @@ def main(argv=None) -> int:
         row["mean_kld"] = sum(t["kld"]["mean"] for t in res["texts"].values()) / len(res["texts"])
         row["better_than_default"] = all(t["vs_default"][1] < 0 for t in row["texts"].values())
         rows.append(row)
-        print(f"epochs {opts['epochs']}, lr {opts['lr']}, {sim}: " + "; ".join(
+        print(f"{spec or 'default'}: " + "; ".join(
             f"{n} KLD {t['kld']['mean']:.4f} [{t['kld']['ci95'][0]:.4f}, {t['kld']['ci95'][1]:.4f}], "
             f"vs dsq [{t['vs_dsq'][0]:+.4f}, {t['vs_dsq'][1]:+.4f}], vs default "
             f"[{t['vs_default'][0]:+.4f}, {t['vs_default'][1]:+.4f}]" for n, t in row["texts"].items()) +
