@@ -1,5 +1,5 @@
 """Benchmark of the Mamba1 selective scan: forward and forward + backward time and tokens/s of
-`qmamba.models.scan.selective_scan` against the previous implementation (kept below, labelled
+`qmamba.models.scan.mamba1.selective_scan` against the previous implementation (kept below, labelled
 OLD) and, for l = 512, the sequential reference `selective_scan_ref` through autograd.
 
     python benchmarks/bench_scan.py                       # the two scan shapes
@@ -31,10 +31,9 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qmamba.models.scan import (  # noqa: E402
-    ChunkedLinearScan, chunk_len, from_chunks, selective_chunk_len, selective_scan, selective_scan_ref,
-    to_chunks,
-)
+from qmamba.models.scan.linear import ChunkedLinearScan, chunk_len, from_chunks, to_chunks  # noqa: E402
+from qmamba.models.scan.mamba1 import selective_chunk_len, selective_scan  # noqa: E402
+from qmamba.models.scan.reference import selective_scan_ref  # noqa: E402
 
 SHAPES = [(8, 512, 512, 16), (1, 2048, 1536, 16)]       # (b, l, d, n)
 REF_MAX_LEN = 512

@@ -1,6 +1,5 @@
 """qmamba: post-training quantization of Mamba and Mamba2 (Q-Mamba: DSQ + ESR)."""
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import load
 from .quantize import quantize      # the function (shadows the submodule of the same name)
 

@@ -22,7 +22,7 @@ COMMANDS = ["compare", "quantize", "eval", "generate", "memory", "inspect", "ben
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="qmamba", description="Post-training quantization of Mamba and Mamba2 language models.")

@@ -165,7 +165,7 @@ def _esr_options(args, names: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from .. import __version__
+    from .._version import __version__
     from ..api import load
     from ..eval.perplexity import tokenize_text_file
     from ..eval.suite import EvalSetup, Row, distance_markdown, float_config, markdown, run_row

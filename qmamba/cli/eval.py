@@ -117,7 +117,7 @@ def _reference_of(args, loaded, ids):
 
 
 def run(args) -> int:
-    from .. import __version__
+    from .._version import __version__
     from ..eval.kld import evaluate_against, fp_reference
     from ..eval.perplexity import perplexity, tokenize_text_file
 

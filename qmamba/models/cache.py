@@ -12,7 +12,7 @@ from typing import Iterator
 
 from torch import Tensor
 
-from .scan import ssm_readout, ssm_update
+from .scan.reference import ssm_readout, ssm_update
 
 
 class SSMState:

@@ -1,6 +1,6 @@
 """Small building blocks shared by both mixers: RMS norms and the causal depthwise conv.
 
-Shapes use the letters of `qmamba.models.scan`: b batch, l time, d channels.
+Shapes use the letters of `qmamba.models.scan.reference`: b batch, l time, d channels.
 """
 
 from __future__ import annotations

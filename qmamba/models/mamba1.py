@@ -1,7 +1,7 @@
 """Mamba (Mamba1) mixer: selective SSM with per-channel A (d, n) and per-token B, C, dt.
 
 Parameter names follow transformers' MambaMixer and mamba_ssm's Mamba, so checkpoints of both
-load without renaming. Shapes use the glossary of `qmamba.models.scan` (here g = 1).
+load without renaming. Shapes use the glossary of `qmamba.models.scan.reference` (here g = 1).
 Falcon-Mamba is this mixer plus a weight-less RMS norm of B, C and dt (`mixer_rms_eps`).
 """
 
@@ -17,7 +17,7 @@ from .cache import LayerState
 from .config import ModelConfig
 from .layers import causal_conv1d, conv_tail, rms
 from .mixer import MixerBase, conv_step
-from .scan import chunk_end_states, selective_scan
+from .scan.mamba1 import chunk_end_states, selective_scan
 
 
 class Mamba1Mixer(MixerBase):

@@ -2,7 +2,7 @@
 RMSNorm before out_proj.
 
 Parameter names follow transformers' Mamba2Mixer and mamba_ssm's Mamba2. Shapes use the
-glossary of `qmamba.models.scan`; the state (b, h, p, n) is handled as (b, d, n), d = h * p.
+glossary of `qmamba.models.scan.reference`; the state (b, h, p, n) is handled as (b, d, n), d = h * p.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .cache import LayerState
 from .config import ModelConfig
 from .layers import GatedRMSNorm, causal_conv1d, conv_tail
 from .mixer import MixerBase, conv_step
-from .scan import ssd_scan
+from .scan.ssd import ssd_scan
 
 
 class Mamba2Mixer(MixerBase):

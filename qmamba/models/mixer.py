@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import LayerState, SSMState
-from .scan import selective_scan_ref
+from .scan.reference import selective_scan_ref
 
 OBSERVE_EVERY = 16      # calibration observes the state after every 16th token
 

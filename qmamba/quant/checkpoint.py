@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import QMambaError
 from ..formats import compressed_tensors as ct
 from ..models.config import from_hf_dict

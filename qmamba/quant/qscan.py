@@ -13,7 +13,7 @@ Used for evaluation (no gradient); calibration and reconstruction go through oth
 and scales of one layer, updates in float32, re-quantizes and writes the packed codes and new
 scales back, and returns the read-out; compiled, the layer's float state lives only in registers.
 
-Shapes use the glossary of `qmamba.models.scan`.
+Shapes use the glossary of `qmamba.models.scan.reference`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..models.scan import _per_channel
+from ..models.scan.reference import per_channel
 from . import cpu_kernels
 from .primitives import codes_per_byte, pack_codes, unpack_codes
 
@@ -80,10 +80,10 @@ def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, sto
     def step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              s_n: Tensor, static: Tensor, u: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         b, d = x.shape
-        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * _per_channel(B, d)   # (b, d, n)
+        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * per_channel(B, d)   # (b, d, n)
         q, scale = _requantize(h, kind, dynamic, qmax, heads, group, s_n, static, u)
         h = _unview(q * scale, kind, s_n)                                   # quantize -> dequantize
-        y = (h * _per_channel(C, d)).sum(-1)                                # (b, d)
+        y = (h * per_channel(C, d)).sum(-1)                                # (b, d)
         return h, y
 
     _EAGER.add(step)
@@ -106,9 +106,9 @@ def make_cache_step(kind: str, dynamic: bool, qmax: float, heads: int, group: in
         elif kind == "group":
             q = q.unflatten(2, (q.shape[-1] // group, group))
         h = _unview(q * (scales.float() if dynamic else static), kind, s_n)  # read
-        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * _per_channel(B, d)
+        h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * per_channel(B, d)
         q, scale = _requantize(h, kind, dynamic, qmax, heads, group, s_n, static, u)
-        y = (_unview(q * scale, kind, s_n) * _per_channel(C, d)).sum(-1)    # (b, d)
+        y = (_unview(q * scale, kind, s_n) * per_channel(C, d)).sum(-1)    # (b, d)
         if kind in ("head", "group"):
             q = q.flatten(1, 2) if kind == "head" else q.flatten(2, 3)
         q = q.to(torch.int8)

@@ -24,7 +24,7 @@ dev texts (0.0137 vs 0.0220 and 0.0341 vs 0.0414) at about 7x the reconstruction
 (`sim="chunk"`, `--esr-sim chunk`) is the fast choice. "readout" and "errscan" materialise
 (b, l, d, n) states and are slower than "chunk" on CPU.
 
-Shapes use the glossary of `qmamba.models.scan` (per-channel forms: x, dt (b, l, d); A (d, n) or
+Shapes use the glossary of `qmamba.models.scan.reference` (per-channel forms: x, dt (b, l, d); A (d, n) or
 (d, 1); B, C (b, l, g, n); D (d,)).
 """
 
@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..models.scan import _per_channel, linear_scan, selective_scan_ref
+from ..models.scan.linear import linear_scan
+from ..models.scan.reference import per_channel, selective_scan_ref
 
 SIMS = ("readout", "chunk", "errscan", "exact")
 
@@ -44,7 +45,7 @@ def _discretize(x: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Te
     """a (b, l, d, n|1) and u (b, l, d, n) of the recurrence."""
     d = x.shape[-1]
     a = torch.exp(dt.float().unsqueeze(-1) * A)                             # (b, l, d, n|1)
-    u = (dt.float() * x.float()).unsqueeze(-1) * _per_channel(B.float(), d)  # (b, l, d, n)
+    u = (dt.float() * x.float()).unsqueeze(-1) * per_channel(B.float(), d)  # (b, l, d, n)
     return a, u
 
 
@@ -55,7 +56,7 @@ def _fake(quantizer, hs: Tensor) -> Tensor:
 
 
 def _readout(hs: Tensor, x: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
-    y = (hs * _per_channel(C.float(), x.shape[-1])).sum(-1)                 # (b, l, d)
+    y = (hs * per_channel(C.float(), x.shape[-1])).sum(-1)                 # (b, l, d)
     return y if D is None else y + D * x.float()
 
 

@@ -1,6 +1,6 @@
 """Quantizers of the SSM state cache, and the cache that stores the state as integers.
 
-Shapes use the glossary of `qmamba.models.scan`: the state is h (b, d, n), d channels (Mamba2:
+Shapes use the glossary of `qmamba.models.scan.reference`: the state is h (b, d, n), d channels (Mamba2:
 h heads x p head dim) and n state indices. Every quantizer is symmetric with codes in
 [-qmax, qmax], and differs only in how its scale is shared:
 

@@ -16,7 +16,7 @@ from qmamba import load
 from qmamba.cli import main
 from qmamba.errors import QMambaError
 from qmamba.eval import inspect as insp
-from qmamba.models.scan import selective_scan_ref
+from qmamba.models.scan.reference import selective_scan_ref
 from qmamba.quant.calibrate import calibration_ids
 from qmamba.quant.state import StateQuantizer
 

@@ -18,7 +18,7 @@ import torch
 
 import qmamba
 from oracle.mamba_ref import selective_scan_ref as oracle_scan
-from qmamba.models.scan import selective_scan_ref
+from qmamba.models.scan.reference import selective_scan_ref
 from qmamba.quant import cpu_kernels, intmm, qscan
 from qmamba.quant.checkpoint import save_quantized
 from qmamba.quantize import quantize

@@ -60,7 +60,7 @@ import torch
 from qmamba.errors import QMambaError
 from qmamba.models import MambaLM, ModelConfig, init_weights
 from qmamba.models.cache import SSMState
-from qmamba.models.scan import selective_scan_ref
+from qmamba.models.scan.reference import selective_scan_ref
 from qmamba.quant import qscan
 from qmamba.quant.apply import state_quantizers
 from qmamba.quant.config import STATE_QUANTIZERS

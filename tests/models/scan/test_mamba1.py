@@ -1,6 +1,6 @@
-"""The parallel scans against the sequential references: `linear_scan`, the Mamba1
-`selective_scan` (forward and every gradient, all chunk lengths, with and without h0) and the
-Mamba2 `ssd_scan` (per-head A and dt expanded per channel, several groups)."""
+"""`qmamba.models.scan.mamba1`: the fused Mamba1 `selective_scan` (forward and every gradient,
+all chunk lengths, with and without h0) and the end-state-only scan against the sequential
+reference `selective_scan_ref`."""
 
 from __future__ import annotations
 
@@ -8,53 +8,15 @@ import math
 
 import pytest
 import torch
+from scan_checks import LENGTHS, assert_close, grads, probe
 
-from qmamba.models.scan import (
-    _Mamba1EndStates, _mamba1_scan, chunk_end_states, linear_scan, linear_scan_ref, selective_chunk_len, selective_scan, selective_scan_ref,
-    ssd_scan,
+from qmamba.models.scan.linear import linear_scan_ref
+from qmamba.models.scan.mamba1 import (
+    _Mamba1EndStates, _mamba1_scan, chunk_end_states, selective_chunk_len, selective_scan,
 )
-
-LENGTHS = (1, 7, 37, 64)
-
-
-def assert_close(actual, expected, rtol=1e-5, name=""):
-    """|actual - expected| <= rtol * max|expected| elementwise (+ a tiny floor for all-zero refs)."""
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    scale = expected.abs().max().item()
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rtol * scale + 1e-30, f"{name}: max |diff| {err:.3e} vs max |ref| {scale:.3e}"
+from qmamba.models.scan.reference import selective_scan_ref
 
 
-def grads(loss, leaves):
-    return torch.autograd.grad(loss, leaves, allow_unused=True)
-
-
-def probe(t: torch.Tensor, phase: float = 0.0) -> torch.Tensor:
-    """A fixed, non-constant output weight: the loss is <t, probe> (gradients differ per element)."""
-    return torch.sin(torch.arange(t.numel(), dtype=t.dtype) * 0.7 + phase).view_as(t)
-
-
-# ----------------------------------------------------------------------------- linear_scan
-@pytest.mark.parametrize("length", LENGTHS)
-@pytest.mark.parametrize("with_h0", [False, True])
-@pytest.mark.parametrize("broadcast", [False, True])
-def test_linear_scan_matches_reference(length, with_h0, broadcast):
-    g = torch.Generator().manual_seed(length)
-    b, s1, s2 = 2, 3, 4
-    a = torch.rand(b, length, 1 if broadcast else s1, s2, generator=g).requires_grad_()
-    u = torch.randn(b, length, s1, s2, generator=g).requires_grad_()
-    h0 = torch.randn(b, s1, s2, generator=g).requires_grad_() if with_h0 else None
-    leaves = [t for t in (a, u, h0) if t is not None]
-    out = linear_scan(a, u, h0)
-    ref = linear_scan_ref(a, u, h0)
-    assert_close(out, ref, name="h")
-    w = probe(ref)
-    got, want = grads((out * w).sum(), leaves), grads((ref * w).sum(), leaves)
-    for name, gv, wv in zip("a u h0".split(), got, want):
-        assert_close(gv, wv, name=name)
-
-
-# ----------------------------------------------------------------------------- Mamba1
 def mamba1_inputs(b, length, d, n, with_h0, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = dict(
@@ -191,37 +153,3 @@ def test_selective_chunk_len():
     assert selective_chunk_len(8, 512, 512, 16) == 64           # 2 MiB slices (b c, n, d)
     assert selective_chunk_len(1, 2048, 1536, 16) == 128        # 1.5 MiB
     assert selective_chunk_len(1, 512, 64, 16) == 32            # small state: k = 2^ceil(log2 sqrt(l))
-
-
-# ----------------------------------------------------------------------------- Mamba2
-@pytest.mark.parametrize("length, chunk, groups, with_h0", [
-    (16, 8, 1, False), (37, 8, 2, True), (5, 8, 2, False), (24, 8, 4, True),
-])
-def test_ssd_scan_matches_per_channel_reference(length, chunk, groups, with_h0):
-    g = torch.Generator().manual_seed(length + groups)
-    b, nh, p, n = 2, 4, 3, 5
-    d = nh * p
-    x = torch.randn(b, length, nh, p, generator=g).requires_grad_()
-    dt = (torch.rand(b, length, nh, generator=g) * 0.5 + 0.01).requires_grad_()
-    A = (-(torch.rand(nh, generator=g) * 2 + 0.1)).requires_grad_()
-    B = torch.randn(b, length, groups, n, generator=g).requires_grad_()
-    C = torch.randn(b, length, groups, n, generator=g).requires_grad_()
-    D = torch.randn(nh, generator=g).requires_grad_()
-    h0 = torch.randn(b, nh, p, n, generator=g).requires_grad_() if with_h0 else None
-    leaves = [t for t in (x, dt, A, B, C, D, h0) if t is not None]
-
-    y, h = ssd_scan(x, dt, A, B, C, D, chunk, h0)
-    # the same recurrence per channel: A and dt of a head shared by its p channels
-    y_ref, h_ref = selective_scan_ref(
-        x.reshape(b, length, d), dt.repeat_interleave(p, dim=-1), A.repeat_interleave(p)[:, None], B, C,
-        D.repeat_interleave(p), None if h0 is None else h0.reshape(b, d, n))
-    y_ref, h_ref = y_ref.view(b, length, nh, p), h_ref.view(b, nh, p, n)
-    assert_close(y, y_ref, name="y")
-    assert_close(h, h_ref, name="h")
-
-    def loss(y, h):
-        return (y * probe(y)).sum() + (h * probe(h, 1.0)).sum()
-
-    got, want = grads(loss(y, h), leaves), grads(loss(y_ref, h_ref), leaves)
-    for name, gv, wv in zip("x dt A B C D h0".split(), got, want):
-        assert_close(gv, wv, name=name)
