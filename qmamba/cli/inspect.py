@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..api import load
-    from ..eval.inspect import check_bits, inspect_model, parse_layers
+    from ..eval.inspect.report import check_bits, inspect_model, parse_layers
 
     # everything that needs no model is checked before loading it
     check_bits(args.bits)
