@@ -20,6 +20,7 @@ from typing import Any, Union
 import torch
 
 from .errors import QMambaError
+from .methods.checkpoint import load_quantized
 from .models.lm import MambaLM
 from .models.load import load_folder
 from .utils.io import read_json
@@ -221,7 +222,7 @@ def load(name_or_path: Union[str, os.PathLike], *, dtype: Union[None, str, torch
     """
     dt, dev = resolve_dtype(dtype), resolve_device(device)
     folder = resolve_model_path(name_or_path)
-    model, fmt, raw = load_folder(folder, dt, dev)
+    model, fmt, raw = load_folder(folder, dt, dev, load_quantized)
     tok = _tokenizer_for(tokenizer, folder)
     if tok is not None and len(tok) > model.config.vocab_size:
         raise QMambaError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary has only "

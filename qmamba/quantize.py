@@ -10,18 +10,10 @@ from typing import Optional, Union
 import torch
 
 from .errors import QMambaError
-from .methods import get_method
+from .methods import get_method, resolve_config
 from .quant.apply import is_quantized
 from .quant.calibrate import calibration_ids
 from .quant.config import QuantConfig
-
-
-def resolve_config(config: Union[str, QuantConfig], method: str, **options) -> QuantConfig:
-    """A QuantConfig with the method's default state quantizer filled in."""
-    m = get_method(method)
-    qcfg = QuantConfig.parse(config, **options) if isinstance(config, str) else config.replace(**options)
-    return qcfg.replace(state_quant=qcfg.state_quant or m.state_quant,
-                        state_scale=qcfg.state_scale or m.state_scale)
 
 
 def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, method: str = "qmamba",

@@ -123,6 +123,13 @@ def run(args) -> int:
     bw = copy_bandwidth(args.device)
     print(f"{args.model}: prompt {args.prompt_len}, generate {args.gen_len}, {args.threads} threads on "
           f"{args.device}; measured copy bandwidth {bw:.1f} GB/s")
+    from ..models.shapes import SHAPES
+
+    folder = None                  # the child reads the folder the name resolves to
+    if args.model not in SHAPES:
+        from ..api import resolve_model_path
+
+        folder = str(resolve_model_path(args.model))
     rows, failed = [], []
     for b in batches:
         for v in variants:
@@ -130,7 +137,8 @@ def run(args) -> int:
             try:
                 rows.append(_child(dict(model_name=args.model, variant=v, quant=args.quant, method=args.method,
                                         batch=b, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                        reps=args.reps, device_name=args.device, threads=args.threads)))
+                                        reps=args.reps, device_name=args.device, threads=args.threads,
+                                        folder=folder)))
             except QMambaError as e:         # keep the other variants' rows; exit 1 at the end
                 print(f"qmamba bench: {e}", file=sys.stderr)
                 failed.append(f"batch {b} {v}")

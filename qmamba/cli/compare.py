@@ -171,6 +171,7 @@ def run(args) -> int:
     from ..eval.suite import EvalSetup, Row, distance_markdown, float_config, markdown, run_row
     from ..quant.calibrate import calibration_ids
     from ..quant.config import QuantConfig
+    from ..quantize import quantize
 
     names = _rows(args)
     esr = _esr_options(args, names)
@@ -212,7 +213,7 @@ def run(args) -> int:
     for row in rows:
         t = time.time()
         print(f"[{len(results) + 1}/{len(rows)}] {row.label} {row.config}...", flush=True)
-        res = run_row(loaded.model, loaded.tokenizer, row, setup)
+        res = run_row(loaded.model, loaded.tokenizer, row, setup, quantize)
         res["seconds"] = round(time.time() - t, 1)
         results.append(res)
         print(f"    ppl {res['perplexity']:.3f}, est. memory {res['memory']['total'] / 2 ** 20:.2f} MiB "

@@ -56,7 +56,7 @@ def run(args) -> int:
     ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise QMambaError("the prompt encodes to no tokens")
-    from ..quant.intmm import set_execution
+    from ..quant.execution import set_execution
 
     set_execution(loaded.model, args.exec_mode)
     out = generate(loaded.model, torch.tensor([ids]), args.max_new_tokens,

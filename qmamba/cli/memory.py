@@ -50,8 +50,8 @@ def run(args) -> int:
     from ..eval.memory import cast_float_weights, memory_report
     from ..models.lm import MambaLM
     from ..models.shapes import shape_config
-    from ..quant.checkpoint import quantize_structure
-    from ..quantize import resolve_config
+    from ..methods import resolve_config
+    from ..methods.checkpoint import quantize_structure
 
     batches = positive_ints(args.batch, "--batch")
     if args.json is not None:

@@ -77,12 +77,15 @@ def _randomize(model, seed: int = 0):
             t.normal_(0, 0.02, generator=g)
 
 
-def build(model_name: str, variant: str, quant: str, method: str, device: torch.device):
-    """The model to time, and a description of how it was built."""
+def build(model_name: str, variant: str, quant: str, method: str, device: torch.device,
+          folder: str | None = None):
+    """The model to time, and a description of how it was built. `model_name` is a shape of
+    `qmamba.models.shapes`, or else the model in `folder` (what `qmamba.api.resolve_model_path`
+    made of the name)."""
+    from ..methods import resolve_config
+    from ..methods.checkpoint import quantize_structure
     from ..models.lm import MambaLM
     from ..models.shapes import shape_config
-    from ..quant.checkpoint import quantize_structure
-    from ..quantize import resolve_config
 
     quantized = variant.startswith("quant")
     dtype = FLOAT_VARIANTS.get(variant, torch.float32)
@@ -100,15 +103,16 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
         _randomize(model)
         source = f"{model_name} shapes, random weights"
     else:
-        from ..api import load
+        from ..methods.checkpoint import load_quantized
+        from ..models.load import load_folder
 
-        model = load(model_name).model
+        model = load_folder(folder, load_quantized=load_quantized)[0]
         if quantized and getattr(model, "quant_config", None) is None:
             quantize_structure(model, resolve_config(quant, method, quantize_head=True), method)
         source = model_name
     if quantized:
         from ..eval.memory import cast_float_weights
-        from ..quant.intmm import set_execution
+        from ..quant.execution import set_execution
 
         cast_float_weights(model, torch.float32)
         set_execution(model, "sim" if variant == "quant-sim" else "int")
@@ -119,7 +123,7 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
 
 @torch.no_grad()
 def run_variant(model_name: str, variant: str, quant: str, method: str, batch: int, prompt_len: int,
-                gen_len: int, reps: int, device_name: str, threads: int) -> dict:
+                gen_len: int, reps: int, device_name: str, threads: int, folder: str | None = None) -> dict:
     from ..quant.intmm import backend as int_backend
     from .memory import weight_bytes
 
@@ -127,7 +131,7 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
     device = torch.device(device_name)
     runtime_rss = _rss()            # the interpreter, torch and qmamba before any model exists
     t = time.time()
-    model, source = build(model_name, variant, quant, method, device)
+    model, source = build(model_name, variant, quant, method, device, folder)
     build_s = time.time() - t
     gc.collect()
     vocab = model.config.vocab_size

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -116,10 +116,9 @@ def evaluate(model: MambaLM, tokenizer, setup: EvalSetup, fp_model: Optional[Mam
     return out
 
 
-def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup) -> dict:
-    """Quantize a deep copy of `fp_model` as `row` says (or not, for "fp") and evaluate it."""
-    from ..quantize import quantize
-
+def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup, quantize: Callable) -> dict:
+    """Quantize a deep copy of `fp_model` as `row` says (or not, for "fp") and evaluate it.
+    `quantize` is `qmamba.quantize` (the API the caller sits on; evaluation sits below it)."""
     res: dict = {"method": row.method, "config": row.config if row.method != FP else float_config(fp_model),
                  "label": row.label or row.method, "options": row.options}
     if row.method == FP:

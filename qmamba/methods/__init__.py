@@ -7,31 +7,11 @@ fills the config's state_quant / state_scale when the user leaves them unset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Union
 
 from ..errors import QMambaError
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    description: str
-    fn: Callable
-    state_quant: str          # default state quantizer
-    state_scale: str          # default state scale mode
-    restore: Optional[Callable] = None   # rebuilds method-specific modules when loading a checkpoint
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register(name: str, description: str, state_quant: str = "tensor", state_scale: str = "static",
-             restore: Optional[Callable] = None):
-    def deco(fn):
-        METHODS[name] = Method(name, description, fn, state_quant, state_scale, restore)
-        return fn
-    return deco
+from ..quant.config import QuantConfig
+from .registry import METHODS, Method
 
 
 def get_method(name: str) -> Method:
@@ -39,6 +19,14 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise QMambaError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def resolve_config(config: Union[str, QuantConfig], method: str, **options) -> QuantConfig:
+    """A QuantConfig with the method's default state quantizer filled in."""
+    m = get_method(method)
+    qcfg = QuantConfig.parse(config, **options) if isinstance(config, str) else config.replace(**options)
+    return qcfg.replace(state_quant=qcfg.state_quant or m.state_quant,
+                        state_scale=qcfg.state_scale or m.state_scale)
 
 
 def available() -> list[str]:

@@ -3,7 +3,7 @@ README's quality table) and Decoupled Scale Quantization of the state."""
 
 from __future__ import annotations
 
-from . import register
+from .registry import register
 from .rtn import calibrate_and_round
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..quant.apply import install_quantizers, quantize_weights
 from ..quant.calibrate import run_calibration
-from . import register
+from .registry import register
 from .esr import ESRConfig, reconstruct
 
 

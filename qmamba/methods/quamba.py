@@ -37,7 +37,7 @@ from ..quant.apply import install_quantizers, mixers, quantize_weights
 from ..quant.calibrate import run_calibration
 from ..quant.hadamard import Rotate
 from ..quant.linear import QLinear
-from . import register
+from .registry import register
 
 
 def install_rotations(model) -> list[QLinear]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..quant.apply import install_quantizers, quantize_weights
 from ..quant.calibrate import run_calibration
-from . import register
+from .registry import register
 
 
 def calibrate_and_round(model, qcfg, calib, observers=None, progress=True):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import QMambaError
 from ..quant.primitives import EPS
-from . import register
+from .registry import register
 from .rtn import calibrate_and_round
 
 SCALE_RANGE = (1e-3, 1e3)   # s beyond this would blow the producer's weight up (or down) by > 1000x

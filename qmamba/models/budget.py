@@ -10,7 +10,6 @@ so a refusal means the run cannot fit; a run that passes may still be tight.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -132,39 +131,9 @@ def model_size(cfg) -> ModelSize:
                      d_model=cfg.d_model, vocab_size=cfg.vocab_size)
 
 
-def _shape(cfg, size: ModelSize) -> str:
+def describe_size(cfg, size: ModelSize) -> str:
+    """'1.2 B parameters (48 layers, d_model 2,048, vocabulary 50,280)'."""
     return (f"{size.parameters / 1e9:.3g} B parameters ({cfg.n_layer:,} layers, d_model {cfg.d_model:,}, "
             f"vocabulary {cfg.vocab_size:,})" if size.parameters >= 1e8 else
             f"{size.parameters / 1e6:.3g} M parameters ({cfg.n_layer:,} layers, d_model {cfg.d_model:,}, "
             f"vocabulary {cfg.vocab_size:,})")
-
-
-def check_model_fits(folder, raw: dict, dtype: torch.dtype, device="cpu") -> None:
-    """Before a model folder is read and built: refuse a config.json whose model cannot fit in
-    the memory available at `dtype`, or whose layer count is beyond any real model and describes
-    far more parameters than the weight files hold (the config does not belong to the weights).
-    Tiny and ordinary configs pass untouched."""
-    from .config import from_hf_dict
-    from .load import detect_format, model_config, weight_files
-
-    folder = Path(folder)
-    quantized = "quantization_config" in raw
-    try:
-        cfg = from_hf_dict(raw) if quantized else model_config(raw, detect_format(raw))
-    except Exception:          # a config the loader rejects with its own message
-        return
-    size = model_size(cfg)
-    per_param = MIN_QUANT_BYTES_PER_PARAM if quantized else torch.empty((), dtype=dtype).element_size()
-    need = int(size.parameters * per_param) + cfg.n_layer * META_BYTES_PER_LAYER
-    where = folder / "config.json"
-    check_bytes(need, f"the model of {where}, {_shape(cfg, size)} in "
-                      f"{'quantized form' if quantized else str(dtype).replace('torch.', '')},", device)
-    if quantized or cfg.n_layer <= MANY_LAYERS:
-        return                 # a mismatch fails fast in the loader's own checks
-    try:
-        on_disk = sum(os.path.getsize(p) for p in weight_files(folder))
-    except (QMambaError, OSError):
-        return                 # missing weights: the loader says so
-    if on_disk < size.parameters:      # float weights take >= 2 bytes per parameter on disk
-        raise QMambaError(f"{where} describes {_shape(cfg, size)}, but the weights in {folder} hold only "
-                          f"{human(on_disk)}: the config does not belong to these weights (or they are truncated)")

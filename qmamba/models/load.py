@@ -3,7 +3,8 @@
 Formats of a folder (told apart by its config.json):
   * "hf"         transformers (4.x or 5.x): `model_type` mamba, mamba2 or falcon_mamba;
   * "mamba_ssm"  state-spaces/mamba's `MambaLMHeadModel`: d_model, n_layer, ssm_cfg;
-  * a config with `quantization_config` is a quantized qmamba checkpoint (`_load_quantized`).
+  * a config with `quantization_config` is a quantized qmamba checkpoint, which the caller's
+    `load_quantized` builds (`qmamba.load` passes `qmamba.methods.checkpoint.load_quantized`).
 Weights, first found wins: model.safetensors.index.json (shards), model.safetensors,
 pytorch_model.bin.index.json (shards), pytorch_model.bin. mamba_ssm's key
 `backbone.embedding.weight` is renamed to transformers' `backbone.embeddings.weight`.
@@ -15,9 +16,10 @@ The model is built on the `meta` device and the checkpoint tensors are assigned 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -26,12 +28,15 @@ from torch import Tensor
 
 from ..errors import QMambaError
 from ..utils.io import read_json
-from .budget import check_model_fits
+from .budget import (MANY_LAYERS, META_BYTES_PER_LAYER, MIN_QUANT_BYTES_PER_PARAM, check_bytes,
+                     describe_size, human, model_size)
 from .config import ModelConfig, from_hf_dict, from_mamba_ssm_dict
 from .hf_compat import tied_head
 from .lm import MambaLM
 
 StateDict = dict[str, Tensor]
+# (folder, raw config.json, dtype, device) -> the quantized model in eval mode
+QuantizedLoader = Callable[[Path, dict, torch.dtype, Union[str, torch.device]], MambaLM]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
@@ -157,21 +162,47 @@ def build_model(cfg: ModelConfig, sd: StateDict, dtype: torch.dtype,
     return model.eval()
 
 
-def _load_quantized(folder: Path, raw: dict, dtype: torch.dtype, device) -> MambaLM:
-    """A qmamba quantized folder (config.json with `quantization_config`)."""
-    from ..quant.checkpoint import build_quantized
+def check_model_fits(folder, raw: dict, dtype: torch.dtype, device="cpu") -> None:
+    """Before a model folder is read and built: refuse a config.json whose model cannot fit in
+    the memory available at `dtype`, or whose layer count is beyond any real model and describes
+    far more parameters than the weight files hold (the config does not belong to the weights).
+    Tiny and ordinary configs pass untouched."""
+    folder = Path(folder)
+    quantized = "quantization_config" in raw
+    try:
+        cfg = from_hf_dict(raw) if quantized else model_config(raw, detect_format(raw))
+    except Exception:          # a config the loader rejects with its own message
+        return
+    size = model_size(cfg)
+    per_param = MIN_QUANT_BYTES_PER_PARAM if quantized else torch.empty((), dtype=dtype).element_size()
+    need = int(size.parameters * per_param) + cfg.n_layer * META_BYTES_PER_LAYER
+    where = folder / "config.json"
+    check_bytes(need, f"the model of {where}, {describe_size(cfg, size)} in "
+                      f"{'quantized form' if quantized else str(dtype).replace('torch.', '')},", device)
+    if quantized or cfg.n_layer <= MANY_LAYERS:
+        return                 # a mismatch fails fast in the loader's own checks
+    try:
+        on_disk = sum(os.path.getsize(p) for p in weight_files(folder))
+    except (QMambaError, OSError):
+        return                 # missing weights: the loader says so
+    if on_disk < size.parameters:      # float weights take >= 2 bytes per parameter on disk
+        raise QMambaError(f"{where} describes {describe_size(cfg, size)}, but the weights in {folder} "
+                          f"hold only {human(on_disk)}: the config does not belong to these weights (or they are truncated)")
 
-    return build_quantized(raw, read_weights(folder), dtype, device, folder=folder)
 
-
-def load_folder(folder, dtype: torch.dtype = torch.float32,
-                device: Union[str, torch.device] = "cpu") -> tuple[MambaLM, str, dict]:
-    """Model folder -> (model in eval mode, format 'hf' | 'mamba_ssm', raw config.json)."""
+def load_folder(folder, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu",
+                load_quantized: Optional[QuantizedLoader] = None) -> tuple[MambaLM, str, dict]:
+    """Model folder -> (model in eval mode, format 'hf' | 'mamba_ssm', raw config.json). A
+    quantized folder is built by `load_quantized(folder, raw, dtype, device)`: this package
+    knows nothing of quantization."""
     folder = Path(folder)
     raw = read_config(folder)
     check_model_fits(folder, raw, dtype, device)        # an absurd config.json fails here, in one line
     if "quantization_config" in raw:
-        return _load_quantized(folder, raw, dtype, device), "hf", raw
+        if load_quantized is None:
+            raise QMambaError(f"{folder} holds a quantized model (config.json has a quantization_config); "
+                              "load it with qmamba.load")
+        return load_quantized(folder, raw, dtype, device), "hf", raw
     fmt = detect_format(raw)
     cfg = model_config(raw, fmt)
     sd = read_weights(folder)

@@ -1,4 +1,4 @@
-"""What both mixers share: the quantization points, the scan dispatch and the state allocation.
+"""What both mixers share: the quantization points, the scan and the state allocation.
 
 A mixer computes the scan inputs x, dt, B, C (and the gate z) from its input with linear
 projections and a causal conv, runs the selective scan, and projects the gated output back. The
@@ -9,11 +9,18 @@ points where `qmamba.quant` inserts quantizers are named here once:
     quant_x, quant_B, quant_C, quant_dt, quant_z   activation quantizers of the scan inputs and
                                                    the gate (nn.Identity until a method sets them)
     in_proj, x_proj, dt_proj, out_proj             nn.Linear, swapped for quantized linears
-    state_quant                                    None (float state) or a state quantizer: the
-                                                   SSM state is then re-quantized after every token
+    state_quant                                    None (float state) or the object that owns the
+                                                   SSM state: see below
+    state_sim                                      None, or what `state_quant` runs instead of the
+                                                   scan while training (ESR's simulations)
 
-With a state quantizer the scan is the exact per-token quantized recurrence (it is non-linear, so
-there is no parallel form); everything else stays parallel over time.
+The float model's scan is the parallel one of each family (`parallel_scan`), its state an
+`SSMState`. A mixer knows nothing else about states: once `state_quant` is set (by
+`qmamba.quant`, which quantizes the state), the mixer hands its scan to it and allocates its cache
+from it, through two methods:
+
+    state_quant.scan(mixer, x, dt, B, C, state) -> y (b, l, d) float32; reads and updates `state`
+    state_quant.allocate(batch, device)         -> the SSM state of one layer (an `SSMState`)
 """
 
 from __future__ import annotations
@@ -25,9 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import LayerState, SSMState
-from .scan.reference import selective_scan_ref
-
-OBSERVE_EVERY = 16      # calibration observes the state after every 16th token
 
 
 class MixerBase(nn.Module):
@@ -36,12 +40,12 @@ class MixerBase(nn.Module):
     def _init_quant_points(self):
         for name in self.QUANT_POINTS:
             setattr(self, name, nn.Identity())
-        self.state_quant: Optional[nn.Module] = None
-        # "exact" = the per-token quantized recurrence; ESR installs simulations while training
-        self.state_sim: Optional[nn.Module] = None
+        self.state_quant: Optional[nn.Module] = None      # owns the state's scan when set
+        self.state_sim: Optional[nn.Module] = None        # ESR's simulation, read by state_quant
 
     # each mixer provides its scan inputs in two forms: native (parallel_scan) and per-channel
-    # (the shapes of `selective_scan_ref`, shared by the sequential and simulated paths)
+    # (the shapes of `qmamba.models.scan.reference.selective_scan_ref`, shared by the sequential
+    # and simulated paths)
     def parallel_scan(self, x, dt, B, C, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -54,40 +58,15 @@ class MixerBase(nn.Module):
 
     def scan(self, x, dt, B, C, state: Optional[LayerState]) -> Tensor:
         """The selective scan of the mixer's native inputs; reads and updates `state` if given.
-        Float state: the parallel scan. Quantized state: the exact per-token recurrence (or, while
-        ESR trains, its simulation). Returns y (b, l, d) in float32."""
+        Float state: the parallel scan; otherwise whatever `state_quant.scan` does. Returns
+        y (b, l, d) in float32."""
+        if self.state_quant is not None:
+            return self.state_quant.scan(self, x, dt, B, C, state)
         h0 = None if state is None else state.ssm.read()
-        q = self.state_quant
-        if q is None or (q.mode == "off" and state is None):
-            y, h = self.parallel_scan(x, dt, B, C, h0)
-            if state is not None:
-                state.ssm.write(h)
-            return y
-        if q.mode == "observe" and state is None:
-            return self.segmented_scan(x, dt, B, C, None, OBSERVE_EVERY, q)[0]   # q observes, returns h
-        if state is None:
-            q.reseed()                 # a pass over whole sequences: the same noise every time
-        if self.state_sim is not None and self.training:
-            return self.state_sim(self, x, dt, B, C, h0)[0]
-        args = self.per_channel(x, dt, B, C)
-        if q.mode == "quant" and not torch.is_grad_enabled():
-            from ..quant.qscan import kernel_scan, quantized_scan, use_cpu_kernel
-            from ..quant.state import QuantizedSSMState
-
-            stored = None if state is None else state.ssm
-            if use_cpu_kernel(q, x) and (stored is None or isinstance(stored, QuantizedSSMState)):
-                xs, dts, A, Bs, Cs, D = args         # the C kernel, on the integer cache itself
-                y = kernel_scan(stored if stored is not None else q.allocate(x.shape[0]), xs, dts, A, Bs, Cs)
-                return y if D is None else y + D * xs.float()
-            # the fused per-token step (same numbers); with stochastic rounding only without a cache
-            # (writing the final state into one would draw again and shift the seeded stream that
-            # decode continues)
-            if state is None or q.rounding == "nearest":
-                y, h = quantized_scan(*args, q, h0)
-                if state is not None:
-                    state.ssm.write(h)                    # re-quantizing a stored state is exact
-                return y
-        return selective_scan_ref(*args, h0, q if state is None else state.ssm.write)[0]
+        y, h = self.parallel_scan(x, dt, B, C, h0)
+        if state is not None:
+            state.ssm.write(h)
+        return y
 
     def segmented_scan(self, x, dt, B, C, h0: Optional[Tensor], every: int, on_state) -> tuple[Tensor, Tensor]:
         """The parallel scan in segments of `every` tokens; the state carried from one segment

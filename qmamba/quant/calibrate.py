@@ -2,7 +2,7 @@
 and one pass of them through the model with every quantizer observing.
 
 Static activation scales and all state scales come from here; the float state is observed after
-every 16th token of every sequence (`models.mixer.OBSERVE_EVERY`), computed by the parallel scan.
+every 16th token of every sequence (`qmamba.quant.state_scan.OBSERVE_EVERY`), computed by the parallel scan.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,6 +34,10 @@ from .config import FORMAT_VERSION, QuantConfig
 
 QUANT_METHOD = "qmamba"
 SCALE_SUFFIXES = ("w_scale", ".scale", "s_n", "static_scale")   # kept in float32 whatever the dtype
+
+# a method's `restore` hook: rebuilds its own modules (e.g. Quamba's rotations) on a model whose
+# quantizers are installed, from (model, qcfg, the checkpoint's quantization_config)
+Restore = Callable[[MambaLM, QuantConfig, dict], None]
 
 
 def quantization_config(model: MambaLM) -> dict:
@@ -85,27 +89,27 @@ def save_quantized(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, fo
                       files={ct.MAIN_FILE: main, ct.EXTENSION_FILE: ext}, json_files={ct.INDEX_FILE: index})
 
 
-def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None) -> MambaLM:
+def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None,
+                       restore: Optional[Restore] = None) -> MambaLM:
     """The modules of a quantized model (quantizers, integer weights rounded from whatever
     weights `model` holds), without calibration: what loading rebuilds before assigning the
-    saved tensors, and what the memory report measures (bytes do not depend on calibration)."""
-    from ..methods import get_method
-
-    m = get_method(method)
+    saved tensors, and what the memory report measures (bytes do not depend on calibration).
+    `restore` is the method's hook (`qmamba.methods.checkpoint` looks it up by name)."""
     install_quantizers(model, qcfg)
-    if m.restore is not None:
-        m.restore(model, qcfg, qmeta or {})
+    if restore is not None:
+        restore(model, qcfg, qmeta or {})
     quantize_weights(model, qcfg)
     model.quant_config, model.quant_method = qcfg, method
     return model
 
 
 def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.float32, device="cpu",
-                    folder: Optional[Path] = None, extension: Optional[dict] = None) -> MambaLM:
+                    folder: Optional[Path] = None, extension: Optional[dict] = None, *,
+                    restore_hook: Callable[[str], Optional[Restore]]) -> MambaLM:
     """Rebuild a quantized model from its config.json dict and its tensors. A format_version 2
-    folder also needs its extension tensors: `extension`, or read from `folder`."""
-    from ..methods import get_method
-
+    folder also needs its extension tensors: `extension`, or read from `folder`. `restore_hook`
+    gives the named method's `restore` (None if it has none) and refuses an unknown method
+    (`qmamba.methods.checkpoint.build_quantized` passes the registry's)."""
     outer = raw.get("quantization_config") or {}
     if outer.get("quant_method") == ct.CT_METHOD:
         qc = outer.get(ct.EXTENSION_KEY)
@@ -122,7 +126,8 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
         raise QMambaError(f"checkpoint format {qc.get('format_version')} is newer than this qmamba "
                           f"supports ({newest}); upgrade qmamba")
     qcfg = QuantConfig.from_dict(qc)
-    method = get_method(qc.get("method", "rtn"))
+    method = qc.get("method", "rtn")
+    restore = restore_hook(method)
     cfg = from_hf_dict(raw)
     if qc is outer and cfg.arch == "mamba2" and cfg.ngroups > 1 and "qmamba_norm_group_size" not in raw:
         # format_version 1 was written when qmamba normalised all of d_inner for transformers
@@ -130,7 +135,7 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
         # when it differed from d_inner: such a folder was calibrated with the whole-width norm
         cfg = dataclasses.replace(cfg, norm_group_size=cfg.d_inner)
     with torch.device("meta"):
-        model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method.name, qc)
+        model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method, qc, restore)
     if qc is not outer:
         if extension is None:
             extension = _read_extension(folder, qc)
@@ -159,7 +164,7 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
         for name, b in list(m.named_buffers(recurse=False)):
             if b.device.type == "meta":
                 setattr(m, name, torch.zeros(b.shape, dtype=b.dtype, device=device))
-    model.quant_config, model.quant_method = qcfg, method.name
+    model.quant_config, model.quant_method = qcfg, method
     return model.eval()
 
 

@@ -45,7 +45,7 @@ class TiedQHead(nn.Module):
     """lm_head tied to a QEmbedding: logits = h @ dequant(codes)^T. Holds no tensors itself.
 
     Never builds a float copy of the whole table: "sim" dequantizes blocks of vocabulary rows,
-    "int" (`qmamba.quant.intmm.set_execution`) reads the int8 codes in the C kernel."""
+    "int" (`qmamba.quant.execution.set_execution`) reads the int8 codes in the C kernel."""
 
     exec_mode = "sim"
 

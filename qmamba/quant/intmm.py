@@ -11,8 +11,8 @@ activations through the C kernel when it is there, and dequantize otherwise. The
 of `QLinear.forward` computes the same sums in float32 from dequantized operands, so the two
 agree up to float rounding (tests/quant/test_intmm.py).
 
-`set_execution(model, "int")` switches a model's linears and its 8-bit lm_head; "sim" switches
-back. `backend()` names what a CPU tensor will run on.
+`qmamba.quant.execution.set_execution(model, "int")` switches a model's linears and its 8-bit
+lm_head onto these paths; "sim" switches back. `backend()` names what a CPU tensor will run on.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from . import cpu_kernels
 from .activation import ActQuantizer
-from .linear import QLinear, dequantize_weight
+from .primitives import dequantize_weight
 
-MODES = ("sim", "int")
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 64    # above this (a prompt), dequantize + float GEMM is faster
 use_cpu_kernels = True              # tests switch this off to exercise torch._int_mm on CPU
 
@@ -48,8 +47,9 @@ def _split_input_quant(iq: nn.Module):
     return None, None
 
 
-def supports_int(lin: QLinear) -> bool:
-    """Integer weights with an 8-bit input quantizer, or with no input quantizer at all."""
+def supports_int(lin: nn.Module) -> bool:
+    """Whether a QLinear can run on integer products: integer weights with an 8-bit input
+    quantizer, or with no input quantizer at all."""
     pre, aq = _split_input_quant(lin.input_quant)
     if lin.w_bits is None:
         return False
@@ -96,8 +96,8 @@ def blockwise_linear(x: Tensor, codes: Tensor, scale: Tensor, group_size: int = 
                       for i in range(0, codes.shape[0], block)], dim=-1)
 
 
-def linear_int(lin: QLinear, x: Tensor) -> Tensor:
-    """`lin(x)` through integer products. x (..., k) float -> (..., n) in x's dtype."""
+def linear_int(lin: nn.Module, x: Tensor) -> Tensor:
+    """`lin(x)` of a QLinear through integer products. x (..., k) float -> (..., n) in x's dtype."""
     pre, aq = _split_input_quant(lin.input_quant)
     if pre is not None:
         x = pre(x)
@@ -128,18 +128,3 @@ def linear_int(lin: QLinear, x: Tensor) -> Tensor:
         y = y + lin.bias.float()
     return y.reshape(*shape[:-1], -1).to(x.dtype)
 
-
-def set_execution(model: nn.Module, mode: str) -> int:
-    """Run every eligible QLinear (integer weights; an 8-bit input quantizer or none) and the
-    tied 8-bit lm_head through integer weights ("int") or through dequantized float weights
-    ("sim"). Returns how many modules were switched."""
-    from .embedding import TiedQHead
-
-    if mode not in MODES:
-        raise ValueError(f"execution mode must be one of {MODES}")
-    count = 0
-    for m in model.modules():
-        if (isinstance(m, QLinear) and supports_int(m)) or isinstance(m, TiedQHead):
-            m.exec_mode = mode
-            count += 1
-    return count

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import QMambaError
 from .activation import ActQuantizer
-from .primitives import pack, qrange, quantize, symmetric_scale, to_groups, unpack
+from .primitives import dequantize_weight, pack, qrange, quantize, symmetric_scale, to_groups, unpack
 
 CLIP_MIN = 0.3      # learned weight clipping never shrinks a range below 30%
 
@@ -38,12 +38,6 @@ def quantize_weight(w: Tensor, bits: int, group_size: int = 0, clip: Optional[Te
     wg = to_groups(w.float(), group_size) if group_size else w.float()
     q = quantize(wg, scale, bits)
     return (q.flatten(-2) if group_size else q), scale
-
-
-def dequantize_weight(q: Tensor, scale: Tensor, group_size: int, dtype=torch.float32) -> Tensor:
-    if group_size:
-        return (to_groups(q.to(dtype), group_size) * scale.to(dtype)).flatten(-2)
-    return q.to(dtype) * scale.to(dtype)
 
 
 def check_codes(name: str, stored: Tensor, bits: int, size: int, rows: int = 4096) -> None:
@@ -174,7 +168,7 @@ class QLinear(nn.Module):
             return self.weight.to(dtype)
         return dequantize_weight(self.codes(), self.w_scale, self.group_size, dtype)
 
-    exec_mode = "sim"           # "int": integer products (`qmamba.quant.intmm.set_execution`)
+    exec_mode = "sim"           # "int": integer products (`qmamba.quant.execution.set_execution`)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.exec_mode == "int":

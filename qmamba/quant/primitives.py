@@ -106,6 +106,14 @@ def to_groups(x: Tensor, group_size: int) -> Tensor:
     return x.unflatten(-1, (x.shape[-1] // group_size, group_size))
 
 
+def dequantize_weight(q: Tensor, scale: Tensor, group_size: int, dtype=torch.float32) -> Tensor:
+    """Weight codes (out, in) times their scales: (out, 1) per channel, or (out, in / gs, 1) per
+    group of `group_size` input columns. Returns (out, in) in `dtype`."""
+    if group_size:
+        return (to_groups(q.to(dtype), group_size) * scale.to(dtype)).flatten(-2)
+    return q.to(dtype) * scale.to(dtype)
+
+
 def absmax(x: Tensor, dims) -> Tensor:
     """max |x| over `dims`, kept as size-1 dims so the result broadcasts against x."""
     return x.abs().amax(dim=dims, keepdim=True)

@@ -20,7 +20,9 @@ nearest or stochastically (floor(v + U[0, 1)), seeded), which keeps small update
 static scales (see docs/design.md).
 
 Semantics (every metric): the state is re-quantized after every token; `forward(h)` is that
-quantize-dequantize, `QuantizedSSMState` is the real integer cache with the same numerics.
+quantize-dequantize, `QuantizedSSMState` (`qmamba.quant.state_cache`) is the real integer cache
+with the same numerics. Installed as a mixer's `state_quant`, the quantizer also runs the mixer's
+scan (`scan`, `qmamba.quant.state_scan`) and allocates its cache (`allocate`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import QMambaError
-from ..models.cache import SSMState
-from .primitives import EPS, codes_per_byte, pack_codes, qrange, unpack_codes
-from .qscan import cache_step
+from .primitives import EPS, qrange
+from .state_cache import QuantizedSSMState
+from .state_scan import quantized_state_scan
 
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 DSQ_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -189,8 +191,12 @@ class StateQuantizer(nn.Module):
             return h
         return self.fake_quant(h)
 
-    # ---------------------------------------------------------------- the integer cache
-    def allocate(self, batch: int, device=None) -> "QuantizedSSMState":
+    # ---------------------------------------------------------------- the mixer's scan and cache
+    def scan(self, mixer, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, state) -> Tensor:
+        """`mixer.scan` with this quantizer as its `state_quant` (see `qmamba.quant.state_scan`)."""
+        return quantized_state_scan(self, mixer, x, dt, B, C, state)
+
+    def allocate(self, batch: int, device=None) -> QuantizedSSMState:
         self.reseed()
         return QuantizedSSMState(self, batch, device if device is not None else self.amax.device)
 
@@ -269,43 +275,3 @@ class StateQuantizer(nn.Module):
         self.static_scale.copy_(base * best[1])
         self.clip = best[1]
         return best[0]
-
-
-class QuantizedSSMState(SSMState):
-    """The SSM state of one layer stored as integers: codes int8 (b, d, n) for 5..8 bits, two
-    codes per byte (b, d, n/2) uint8 for 3..4 bits, four per byte (b, d, n/4) uint8 for 2 bits
-    (the last dim padded with zero codes), plus float16 per-write scales."""
-
-    def __init__(self, quantizer: StateQuantizer, batch: int, device):
-        q = quantizer
-        self.per_byte = codes_per_byte(q.bits, dense=True)
-        cols = -(-q.n // self.per_byte)
-        self.quantizer = q
-        self.codes = torch.zeros(batch, q.d, cols, dtype=torch.uint8 if self.per_byte > 1 else torch.int8,
-                                 device=device)
-        shape = q.dynamic_shape(batch)
-        self.scales = torch.zeros(shape, dtype=torch.float16, device=device)   # (b, 0) when static
-
-    def read(self) -> Tensor:
-        q = self.quantizer
-        return q.dequantize(unpack_codes(self.codes, self.per_byte, q.n),
-                            self.scales if q.scale_mode == "dynamic" else None)
-
-    def write(self, h: Tensor) -> Tensor:
-        q = self.quantizer
-        codes, scale = q.quantize(h)
-        self.codes = pack_codes(codes, self.per_byte)
-        if scale is not None:
-            self.scales = scale.half()
-        return q.dequantize(codes, scale)
-
-    def step(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-        """One token read from and written back to the packed codes in one fused step (same
-        numbers as read -> update -> write -> read-out; tests/quant/test_state.py)."""
-        return cache_step(self, x, dt, A, B, C)
-
-    def tensors(self) -> dict[str, Tensor]:
-        out = {"codes": self.codes}
-        if self.scales.numel():
-            out["scales"] = self.scales
-        return out

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from qmamba.errors import QMambaError
+from qmamba.methods import resolve_config
 from qmamba.methods.esr import ESRConfig, reconstruct
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.apply import install_quantizers
 from qmamba.quant.calibrate import run_calibration
 from qmamba.quant.sim import SIMS, StateSim
 from qmamba.quant.state import StateQuantizer
-from qmamba.quantize import quantize, resolve_config
+from qmamba.quantize import quantize
 
 from test_methods import ARCHS, CALIB, IDS, rel_err, tiny
 

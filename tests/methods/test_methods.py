@@ -11,14 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 from qmamba.errors import QMambaError
+from qmamba.methods import resolve_config
+from qmamba.methods.checkpoint import build_quantized
 from qmamba.methods.quamba import install_rotations, rotate_out_proj
 from qmamba.methods.smoothquant import input_absmax, smooth, smoothing_pairs
 from qmamba.models import MambaLM, ModelConfig, init_weights
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.apply import install_quantizers, set_quant_mode
-from qmamba.quant.checkpoint import build_quantized, save_quantized
+from qmamba.quant.checkpoint import save_quantized
 from qmamba.quant.hadamard import Rotate, fwht, hadamard, sylvester
-from qmamba.quantize import quantize, resolve_config
+from qmamba.quantize import quantize
 
 ARCHS = ("mamba1", "mamba2")
 VOCAB = 300

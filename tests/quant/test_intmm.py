@@ -10,7 +10,8 @@ from torch import nn
 
 from qmamba.quant import cpu_kernels, intmm
 from qmamba.quant.activation import ActQuantizer
-from qmamba.quant.intmm import linear_int, set_execution, supports_int
+from qmamba.quant.execution import set_execution
+from qmamba.quant.intmm import linear_int, supports_int
 from qmamba.quant.linear import QLinear
 from qmamba.quantize import quantize
 

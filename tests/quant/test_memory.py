@@ -11,12 +11,13 @@ import torch
 
 from qmamba.cli import main
 from qmamba.eval.memory import cast_float_weights, memory_report
+from qmamba.methods import resolve_config
+from qmamba.methods.checkpoint import quantize_structure
 from qmamba.models import MambaLM, ModelConfig, init_weights
 from qmamba.models.shapes import SHAPES, shape_config
 from qmamba.quant.apply import mixers
-from qmamba.quant.checkpoint import quantize_structure
 from qmamba.quant.linear import QLinear
-from qmamba.quantize import quantize, resolve_config
+from qmamba.quantize import quantize
 
 VOCAB = 64
 CALIB = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))

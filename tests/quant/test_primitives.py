@@ -14,10 +14,11 @@ from torch import nn
 
 from qmamba.errors import QMambaError
 from qmamba.quant.activation import ActQuantizer
-from qmamba.quant.linear import QLinear, dequantize_weight, quantize_weight, weight_scale
-from qmamba.quant.primitives import (EPS, asymmetric_params, codes_per_byte, dequantize, fake_quant, pack,
-                                     pack_codes, pack_int2, pack_int4, qrange, quantize, round_stochastic,
-                                     storage_dtype, to_groups, unpack, unpack_codes, unpack_int2, unpack_int4)
+from qmamba.quant.linear import QLinear, quantize_weight, weight_scale
+from qmamba.quant.primitives import (EPS, asymmetric_params, codes_per_byte, dequantize, dequantize_weight,
+                                     fake_quant, pack, pack_codes, pack_int2, pack_int4, qrange, quantize,
+                                     round_stochastic, storage_dtype, to_groups, unpack, unpack_codes, unpack_int2,
+                                     unpack_int4)
 
 PROPS = settings(max_examples=60, deadline=None, database=None)
 BITS = st.integers(2, 8)

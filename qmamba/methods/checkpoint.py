@@ -1,0 +1,37 @@
+"""Quantized models rebuilt by method name: `qmamba.quant.checkpoint` builds the modules and
+assigns the tensors; the method registry supplies each method's `restore` hook (the modules a
+method adds beyond the quantizers, e.g. Quamba's rotations) and refuses unknown names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..models.lm import MambaLM
+from ..models.load import read_weights
+from ..quant import checkpoint as ckpt
+from ..quant.config import QuantConfig
+from . import get_method
+
+
+def restore_hook(method: str) -> Optional[ckpt.Restore]:
+    """The `restore` of the named method (None when it adds no modules of its own)."""
+    return get_method(method).restore
+
+
+def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None) -> MambaLM:
+    """`qmamba.quant.checkpoint.quantize_structure` with the named method's hook."""
+    return ckpt.quantize_structure(model, qcfg, method, qmeta, restore_hook(method))
+
+
+def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.float32, device="cpu",
+                    folder: Optional[Path] = None, extension: Optional[dict] = None) -> MambaLM:
+    """`qmamba.quant.checkpoint.build_quantized` with the registry's hooks."""
+    return ckpt.build_quantized(raw, state_dict, dtype, device, folder, extension, restore_hook=restore_hook)
+
+
+def load_quantized(folder: Path, raw: dict, dtype: torch.dtype, device) -> MambaLM:
+    """A qmamba quantized folder (its config.json, `raw`, has a `quantization_config`)."""
+    return build_quantized(raw, read_weights(folder), dtype, device, folder=folder)
