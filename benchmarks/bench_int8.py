@@ -8,8 +8,9 @@ Rows are activation rows (1 = a decode step at batch 1, 512 = a prompt). Candida
   dequant+fp32        dequantize the int8 weights, then the fp32 GEMM (the simulated path)
   torch._int_mm       int8 x int8 -> int32 in PyTorch (oneDNN on CPU)
   _weight_int8pack_mm float activations x int8 weights in PyTorch
-  qmamba i8           qmamba's AVX2 kernel: activations quantized in the kernel, int8 x int8
-  qmamba f32i8        qmamba's AVX2 kernel: float activations x int8 weights (the 8-bit head)
+  qmamba i8           qmamba's C kernel (the best build here; QMAMBA_CPU_ISA forces a lower one):
+                      activations quantized in the kernel, int8 x int8
+  qmamba f32i8        qmamba's C kernel: float activations x int8 weights (the 8-bit head)
 Median of --reps timed calls after two warm-up calls; milliseconds per call.
 """
 
@@ -27,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qmamba.quant import cpu_kernels  # noqa: E402
+from qmamba.kernels import lookup  # noqa: E402
 from qmamba.utils.io import atomic_write_json  # noqa: E402
 
 SHAPES = {"in_proj (3352 x 768)": (3352, 768), "out_proj (768 x 1536)": (768, 1536),
@@ -58,9 +59,10 @@ def candidates(x, codes, scale):
         "torch._int_mm": lambda: torch._int_mm(q_x, codes.t()).float() * (s_x[:, None] * scale),
         "_weight_int8pack_mm": lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scale),
     }
-    if cpu_kernels.available():
-        out["qmamba i8"] = lambda: cpu_kernels.i8_linear_quantizing(x, None, codes, scale, 0, None)
-        out["qmamba f32i8"] = lambda: cpu_kernels.f32i8_linear(x, codes, scale)
+    i8, f32i8 = lookup("i8_linear_quantizing", "cpu"), lookup("f32i8_linear", "cpu")
+    if i8 is not None and f32i8 is not None:
+        out["qmamba i8"] = lambda: i8(x, None, codes, scale, 0, None)
+        out["qmamba f32i8"] = lambda: f32i8(x, codes, scale)
     return out
 
 

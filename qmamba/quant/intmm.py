@@ -2,8 +2,8 @@
 
     y = (s_x * s_w) * (q_x @ q_w^T) + bias       q_x = round(x / s_x) in [-127, 127] (int8)
 
-Two backends compute the int32 products exactly: on an x86 CPU with AVX2, the small C kernel of
-`qmamba.quant.cpu_kernels` (it reads the int8 weights once per call, the decode bottleneck);
+Two backends compute the int32 products exactly: on a CPU, the small C kernel that the registry of
+`qmamba.kernels` picks for it (it reads the int8 weights once per call, the decode bottleneck);
 elsewhere `torch._int_mm` (CUDA, and CPU through oneDNN, which is slow without VNNI/AMX). W4
 weights are unpacked to int8 per call; group-wise weights get one scale per group and product.
 Weight-only layers (W4A16/W8A16 linears, an untied 8-bit lm_head) read int8 weights with float
@@ -21,21 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_kernels
+from ..kernels import lookup as kernel_lookup
 from .activation import ActQuantizer
 from .primitives import dequantize_weight
 
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 64    # above this (a prompt), dequantize + float GEMM is faster
-use_cpu_kernels = True              # tests switch this off to exercise torch._int_mm on CPU
 
 
-def _kernel(x: Tensor) -> bool:
-    return use_cpu_kernels and x.device.type == "cpu" and cpu_kernels.available()
+def _kernel(x: Tensor, op: str = "i8_linear_quantizing"):
+    """The registry's kernel for `op` on x's device, or None: torch's path (tests force that
+    with `qmamba.kernels.forced("torch")`)."""
+    return kernel_lookup(op, x.device.type)
 
 
 def backend(device: str = "cpu") -> str:
     """What the int8 x int8 products of a tensor on `device` run on."""
-    return "avx2 kernel (qmamba.quant.cpu_kernels)" if _kernel(torch.empty(0, device=device)) else "torch._int_mm"
+    k = _kernel(torch.empty(0, device=device))
+    return f"{k.impl} C kernel (qmamba.kernels)" if k is not None else "torch._int_mm"
 
 
 def _split_input_quant(iq: nn.Module):
@@ -80,8 +82,9 @@ def weight_only(x: Tensor, codes: Tensor, scale: Tensor, group_size: int = 0,
                 bias: Tensor | None = None) -> Tensor:
     """x (m, k) float32 @ dequant(codes (n, k) int8, scale)^T -> (m, n) float32, without a float
     copy of the whole weight: the C kernel for a few rows, else dequantized blocks of rows."""
-    if not group_size and x.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS and _kernel(x):
-        y = cpu_kernels.f32i8_linear(x, codes, scale)
+    kernel = None if group_size or x.shape[0] > WEIGHT_ONLY_KERNEL_MAX_ROWS else _kernel(x, "f32i8_linear")
+    if kernel is not None:
+        y = kernel(x, codes, scale)
     else:
         y = blockwise_linear(x, codes, scale, group_size)
     return y if bias is None else y + bias.float()
@@ -107,9 +110,10 @@ def linear_int(lin: nn.Module, x: Tensor) -> Tensor:
     if aq is None:                                                          # weight-only
         y = weight_only(x2, codes, lin.w_scale, lin.group_size, lin.bias)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
-    if _kernel(x2):                       # the kernel quantizes the rows itself (same rounding)
+    kernel = _kernel(x2)
+    if kernel is not None:                # the kernel quantizes the rows itself (same rounding)
         static = None if aq.dynamic else float(aq.scale)
-        y = cpu_kernels.i8_linear_quantizing(x2, static, codes, lin.w_scale, lin.group_size, lin.bias)
+        y = kernel(x2, static, codes, lin.w_scale, lin.group_size, lin.bias)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
     s_x = aq.current_scale(x2).float()                                      # () or (m, 1)
     q_x = torch.round(x2 / s_x).clamp(-127, 127).to(torch.int8)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..models.scan.reference import per_channel
-from . import cpu_kernels
+from ..kernels import lookup as kernel_lookup
 from .primitives import codes_per_byte, pack_codes, unpack_codes
 
 log = logging.getLogger("qmamba")
@@ -227,16 +227,14 @@ def _checked_step(q, device, args) -> object:
     return _checked(*_step_for(q, device), args)
 
 
-use_cpu_kernels = True          # tests switch this off to exercise the compiled / eager step
-
-
 def use_cpu_kernel(q, x: Tensor) -> bool:
     """The C kernel covers every state quantizer whose scale factors per row into a channel part
     and a state part: DSQ and per-channel (static or dynamic), per-tensor, per-state-index and
-    per-head (static); round to nearest, on CPU."""
+    per-head (static); round to nearest, on CPU, where the kernel registry has a dsq_scan
+    (`qmamba.kernels.forced("torch")` switches it off, for tests)."""
     ok = q.kind in ("dsq", "channel") or (q.scale_mode == "static" and q.kind in ("tensor", "state", "head"))
-    return (use_cpu_kernels and ok and x.device.type == "cpu" and q.rounding == "nearest"
-            and cpu_kernels.available())
+    return (ok and x.device.type == "cpu" and q.rounding == "nearest"
+            and kernel_lookup("dsq_scan", x.device.type) is not None)
 
 
 def _kernel_scales(q) -> tuple[Tensor, Tensor]:
@@ -260,8 +258,9 @@ def kernel_scan(state, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -
     x, dt (b, l, d); A (d, n) or (d, 1); B, C (b, l, g, n). Returns y (b, l, d) without D x."""
     q = state.quantizer
     s_n, s_c = _kernel_scales(q)
-    return cpu_kernels.dsq_scan(state.codes, state.scales, x, dt, A, B, C, s_n, s_c, q.scale_mode == "dynamic",
-                                state.per_byte, float(q.qmax))
+    scan = kernel_lookup("dsq_scan", x.device.type)
+    return scan(state.codes, state.scales, x, dt, A, B, C, s_n, s_c, q.scale_mode == "dynamic",
+                state.per_byte, float(q.qmax))
 
 
 def cache_step(state, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import qmamba
 from qmamba.formats import compressed_tensors as ct
 from qmamba.formats.state_extension import state_step
-from qmamba.quant import cpu_kernels, qscan
+from qmamba.kernels import cpu_native, forced
+from qmamba.quant import qscan
 from qmamba.quant.checkpoint import save_quantized
 from qmamba.quant.primitives import unpack_codes
 from qmamba.quant.state import StateQuantizer
@@ -29,8 +30,11 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "checkpoint-format.md"
 @pytest.fixture(autouse=True)
 def eager_fused_scan(monkeypatch, request):
     monkeypatch.setenv("QMAMBA_COMPILE", "0")
-    if "kernel" not in request.node.name:
-        monkeypatch.setattr(qscan, "use_cpu_kernels", False)
+    if "kernel" in request.node.name:
+        yield
+    else:
+        with forced("torch", ops=("dsq_scan",)):
+            yield
 
 
 def codes_of(state: QuantizedSSMState) -> torch.Tensor:
@@ -72,7 +76,7 @@ def test_reference_matches_the_cache_step(kind, mode, bits, arch):
 
 @pytest.mark.parametrize("kind", ["dsq", "channel", "tensor"])
 def test_reference_and_the_c_kernel(kind):
-    if not cpu_kernels.available():
+    if not cpu_native.available():
         pytest.skip("qmamba's C kernels are not available here")
     before = dict(qscan.runs)
     ours, ref = run_steps(kind, "dynamic" if kind != "tensor" else "static", 4, "mamba2", steps=16)

@@ -19,7 +19,8 @@ import torch
 import qmamba
 from oracle.mamba_ref import selective_scan_ref as oracle_scan
 from qmamba.models.scan.reference import selective_scan_ref
-from qmamba.quant import cpu_kernels, intmm, qscan
+from qmamba.kernels import cpu_native, forced
+from qmamba.quant import qscan
 from qmamba.quant.checkpoint import save_quantized
 from qmamba.quantize import quantize
 
@@ -68,13 +69,19 @@ def qmodel(request, grouped):
     return quantize(model, "w8a8h4", calib=calib, method=request.param, progress=False), ids
 
 
+@pytest.fixture
+def torch_scan():
+    """The kernel registry without its dsq_scan: the model's scans take the compiled / eager step."""
+    with forced("torch", ops=("dsq_scan",)):
+        yield
+
+
 @torch.no_grad()
-def test_quantized_scans_match_the_grouped_oracle(qmodel, scan_inputs, monkeypatch):
+def test_quantized_scans_match_the_grouped_oracle(qmodel, scan_inputs, torch_scan):
     """Per layer, on the model's own scan inputs: the oracle's grouped recurrence with the state
     quantizer after every update, against the C kernel (where built), the fused eager step and
     qmamba's sequential reference."""
     model, ids = qmodel
-    monkeypatch.setattr(qscan, "use_cpu_kernels", False)
     for layer in model.backbone.layers:
         mixer = layer.mixer
         q = mixer.state_quant
@@ -86,8 +93,9 @@ def test_quantized_scans_match_the_grouped_oracle(qmodel, scan_inputs, monkeypat
                           state_fn=q)
         outs = {"eager fused step": qscan.quantized_scan(xs, dts, A, Bs, Cs, D, q)[0],
                 "sequential reference": selective_scan_ref(xs, dts, A, Bs, Cs, D, None, q)[0]}
-        if cpu_kernels.available():
-            y = qscan.kernel_scan(q.allocate(x.shape[0]), xs, dts, A, Bs, Cs)
+        if cpu_native.available():
+            with forced(cpu_native.isa()):              # (inside torch_scan: the innermost wins)
+                y = qscan.kernel_scan(q.allocate(x.shape[0]), xs, dts, A, Bs, Cs)
             outs["C kernel"] = y + D * xs.float()
         for name, out in outs.items():
             print(f"g{mixer.ngroups} {q.kind:<7} {name:<21} rel {rel(ref, out):.3e}, "
@@ -97,11 +105,11 @@ def test_quantized_scans_match_the_grouped_oracle(qmodel, scan_inputs, monkeypat
 
 
 @torch.no_grad()
-def test_kernel_and_eager_models_agree(qmodel, monkeypatch):
+def test_kernel_and_eager_models_agree(qmodel):
     """The whole quantized grouped model, prompt and decode: C kernels against the eager torch
     path (the same integer cache codes after the prompt, logits within float rounding)."""
-    if not cpu_kernels.available():
-        pytest.skip(f"no C kernels here: {cpu_kernels.unavailable_reason()}")
+    if not cpu_native.available():
+        pytest.skip(f"no C kernels here: {cpu_native.unavailable_reason()}")
     model, ids = qmodel
 
     def run():
@@ -112,9 +120,8 @@ def test_kernel_and_eager_models_agree(qmodel, monkeypatch):
         return torch.cat([head, torch.stack(steps, 1)], 1), model(ids), codes
 
     fast = run()
-    monkeypatch.setattr(qscan, "use_cpu_kernels", False)
-    monkeypatch.setattr(intmm, "use_cpu_kernels", False)
-    slow = run()
+    with forced("torch"):
+        slow = run()
     for a, b in zip(fast[2], slow[2]):
         assert (a != b).float().mean().item() <= FLIP_FRACTION / 10
     for a, b in zip(fast[:2], slow[:2]):

@@ -1,6 +1,6 @@
 """Integer execution (int8 x int8 -> int32, scales after) against the simulated path of QLinear,
-layer by layer (float rounding only) and through whole quantized models, on both backends (the
-AVX2 C kernel where this CPU has it, torch._int_mm always)."""
+layer by layer (float rounding only) and through whole quantized models, on both backends (each
+build of the C kernels this CPU runs, torch._int_mm always)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from qmamba.quant import cpu_kernels, intmm
+from qmamba.kernels import cpu_features, cpu_native, forced, registry
+from qmamba.quant import intmm
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.execution import set_execution
 from qmamba.quant.intmm import linear_int, supports_int
@@ -32,12 +33,15 @@ def calibrated_linear(bits: int, group: int, dynamic: bool, seed: int = 0) -> tu
     return QLinear.from_linear(lin, bits, group, input_quant=aq), x
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def backend(request, monkeypatch):
-    if request.param == "kernel" and not cpu_kernels.available():
-        pytest.skip(f"no CPU kernel here: {cpu_kernels.unavailable_reason()}")
-    monkeypatch.setattr(intmm, "use_cpu_kernels", request.param == "kernel")
-    return request.param
+@pytest.fixture(params=["torch", *cpu_features.ISAS])
+def backend(request):
+    """The registry forced onto PyTorch's path or onto one C build (skips a build this CPU lacks)."""
+    if request.param != "torch" and cpu_native.native(request.param) is None:
+        pytest.skip(f"no {request.param} C kernel here: {cpu_native.error(request.param)}")
+    with forced(request.param):
+        want = None if request.param == "torch" else request.param
+        assert getattr(registry.lookup("i8_linear_quantizing", "cpu"), "impl", None) == want
+        yield request.param
 
 
 @pytest.mark.parametrize("bits, group, dynamic", [(8, 0, False), (8, 0, True), (4, 0, False), (4, 16, False),
@@ -52,9 +56,9 @@ def test_integer_linear_equals_simulated(bits, group, dynamic, backend):
     assert ((ints - sim).abs().max() / sim.abs().max()).item() < 1e-5
 
 
-def test_integer_product_is_really_integer(monkeypatch):
+@pytest.mark.parametrize("backend", ["torch"], indirect=True)
+def test_integer_product_is_really_integer(backend, monkeypatch):
     """Without the C kernel, the product goes through torch._int_mm with int8 operands."""
-    monkeypatch.setattr(intmm, "use_cpu_kernels", False)
     seen = []
     real = torch._int_mm
 
@@ -71,19 +75,21 @@ def test_integer_product_is_really_integer(monkeypatch):
     assert seen == [(torch.int8, torch.int8)]
 
 
-@pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 C kernel on this machine")
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_kernel_quantizes_activations_as_torch_does(dynamic, monkeypatch):
+def test_kernel_quantizes_activations_as_torch_does(dynamic, backend, monkeypatch):
     """With the C kernel, the int8 codes of the weights reach it and its own activation rounding
     gives exactly the integer product of the activations quantized by PyTorch."""
+    if backend == "torch":
+        pytest.skip("a C kernel's test")
     seen = []
-    real = cpu_kernels.i8_linear_quantizing
+    kernel = registry.lookup("i8_linear_quantizing", "cpu")
 
     def spy(x, static, codes, *rest):
         seen.append(codes.dtype)
-        return real(x, static, codes, *rest)
+        return kernel.fn(x, static, codes, *rest)
 
-    monkeypatch.setattr(cpu_kernels, "i8_linear_quantizing", spy)
+    monkeypatch.setattr(intmm, "kernel_lookup", lambda op, device: registry.Kernel(
+        op, device, kernel.impl, spy, kernel.reference) if op == "i8_linear_quantizing" else None)
     monkeypatch.setattr(torch, "_int_mm", None)
     q, x = calibrated_linear(8, 0, dynamic)
     with torch.no_grad():
@@ -91,7 +97,7 @@ def test_kernel_quantizes_activations_as_torch_does(dynamic, monkeypatch):
         x2 = x.reshape(-1, 64)
         s_x = q.input_quant.current_scale(x2).float()
         q_x = torch.round(x2 / s_x).clamp(-127, 127).to(torch.int8)
-        ref = cpu_kernels.i8_linear(q_x, s_x.reshape(-1), q.codes(), q.w_scale, 0, q.bias)
+        ref = registry.lookup("i8_linear", "cpu")(q_x, s_x.reshape(-1), q.codes(), q.w_scale, 0, q.bias)
     assert seen == [torch.int8]
     assert torch.equal(out.reshape(-1, 24), ref)
 

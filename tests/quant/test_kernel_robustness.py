@@ -4,8 +4,8 @@ compiler, the kernels switched off; weight codes the kernel cannot multiply (-12
 load), group sizes that do not tile the inner size (refused), inner sizes whose int32 sums would
 overflow (exact), and gcc's fused multiply-adds (the state update must round like eager).
 
-Every test here runs on any machine: what needs the AVX2 kernel or a C compiler skips without it,
-and every test that builds uses its own cache folder ($QMAMBA_CACHE)."""
+Every test here runs on any machine: what needs a C compiler or a build this CPU lacks skips
+without it, and every test that builds uses its own cache folder ($QMAMBA_CACHE)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from torch import nn
 
 import qmamba
 from qmamba.errors import QMambaError
-from qmamba.quant import cpu_kernels, intmm
+from qmamba.kernels import cpu_features, cpu_native, registry
+from qmamba.quant import intmm
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.checkpoint import save_quantized
 from qmamba.quant.intmm import linear_int
@@ -32,35 +33,43 @@ from qmamba.quant.primitives import pack
 
 from .test_checkpoint import quantized
 
-X86_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and os.uname().machine == "x86_64"
 CC = shutil.which("gcc") or shutil.which("cc")
-needs_kernel = pytest.mark.skipif(not (X86_AVX2 and CC), reason="needs an x86 CPU with AVX2 and a C compiler")
+needs_kernel = pytest.mark.skipif(not CC, reason="needs a C compiler")
 
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """cpu_kernels as in a new process: nothing loaded yet, an empty cache folder of its own, the
-    kernels not switched off; returns where the library is cached."""
-    monkeypatch.setattr(cpu_kernels, "_lib", None)
-    monkeypatch.setattr(cpu_kernels, "_error", None)
+    """The kernels as in a new process: nothing loaded yet, an empty cache folder of its own, the
+    kernels not switched off; returns where the library of the best build is cached."""
     monkeypatch.setenv("QMAMBA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("QMAMBA_NO_CPU_KERNELS", raising=False)
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(intmm, "use_cpu_kernels", True)
-    return cpu_kernels.cache_path()
+    registry.reset()
+    yield cpu_native.cache_path()
+    monkeypatch.undo()
+    registry.reset()
 
 
 @pytest.fixture
 def kernel():
     """The process's kernel (built into $QMAMBA_CACHE); skips where there is none."""
-    if not cpu_kernels.available():
-        pytest.skip(f"no C kernel here: {cpu_kernels.unavailable_reason()}")
+    if not cpu_native.available():
+        pytest.skip(f"no C kernel here: {cpu_native.unavailable_reason()}")
+
+
+@pytest.fixture(params=cpu_features.ISAS)
+def build(request):
+    """The kernels of one build (skips where this CPU lacks it or it does not build)."""
+    native = cpu_native.native(request.param)
+    if native is None:
+        pytest.skip(f"no {request.param} C kernel here: {cpu_native.error(request.param)}")
+    return native
 
 
 def _compile(dest, *defines):
-    """The real source, compiled with the project's flags plus `defines`, at `dest`."""
+    """The real source of the best build, compiled with the project's flags plus `defines`, at `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([CC, *cpu_kernels.FLAGS, *defines, str(cpu_kernels.SOURCE), "-o", str(dest)], check=True)
+    subprocess.run(cpu_native.build_command(CC, cpu_features.candidates()[0], dest, defines), check=True)
 
 
 def _damage(kind: str, path):
@@ -104,13 +113,13 @@ def _warnings(caplog):
 def test_bad_cached_library_is_rebuilt(fresh, kind, caplog):
     _damage(kind, fresh)
     with caplog.at_level(logging.WARNING, logger="qmamba"):
-        assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+        assert cpu_native.available(), cpu_native.unavailable_reason()
         warned = _warnings(caplog)
     assert len(warned) == 1 and "rebuilt" in warned[0] and "\n" not in warned[0], warned
     assert _integer_result_is_right()
     copy = fresh.parent.parent / "copy.so"                   # (dlopen of a loaded name: the old library)
     shutil.copy(fresh, copy)
-    cpu_kernels._self_test(cpu_kernels._bind(copy))             # the cached file is a good one now
+    cpu_native._self_test(cpu_native._bind(copy), cpu_features.candidates()[0])    # a good one now
     copy.unlink()
     assert [p.name for p in fresh.parent.iterdir()] == [fresh.name]    # no temporary file left
 
@@ -123,13 +132,10 @@ def test_no_compiler_falls_back_with_one_warning(fresh, kind, caplog, monkeypatc
         _damage(kind, fresh)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with caplog.at_level(logging.WARNING, logger="qmamba"):
-        assert not cpu_kernels.available()
-        assert not cpu_kernels.available()
+        assert not cpu_native.available()
+        assert not cpu_native.available()
         assert _integer_result_is_right()                        # torch._int_mm
     warned = _warnings(caplog)
-    if not X86_AVX2:                                             # nothing to build here: no warning
-        assert warned == []
-        return
     assert len(warned) == 1 and "\n" not in warned[0] and "PyTorch path" in warned[0], warned
     assert "/nonexistent/cc" in warned[0]
 
@@ -137,17 +143,19 @@ def test_no_compiler_falls_back_with_one_warning(fresh, kind, caplog, monkeypatc
 def test_switched_off_without_warning(fresh, caplog, monkeypatch):
     monkeypatch.setenv("QMAMBA_NO_CPU_KERNELS", "1")
     with caplog.at_level(logging.WARNING, logger="qmamba"):
-        assert not cpu_kernels.available()
+        assert not cpu_native.available()
         assert _integer_result_is_right()
-    assert "QMAMBA_NO_CPU_KERNELS" in cpu_kernels.unavailable_reason()
+    assert "QMAMBA_NO_CPU_KERNELS" in cpu_native.unavailable_reason()
     assert _warnings(caplog) == [] and not fresh.exists()
 
 
-def test_cache_name_follows_source_and_flags(fresh, monkeypatch):
-    name = cpu_kernels.cache_path().name
-    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-DQMAMBA_TEST"])
-    assert cpu_kernels.cache_path().name != name
-    assert "-ffp-contract=off" in cpu_kernels.FLAGS
+def test_cache_name_follows_source_flags_and_build(fresh, monkeypatch):
+    name = cpu_native.cache_path().name
+    names = {cpu_native.cache_path(isa).name for isa in cpu_features.ISAS}
+    assert len(names) == len(cpu_features.ISAS) and name in names
+    monkeypatch.setattr(cpu_native, "FLAGS", [*cpu_native.FLAGS, "-DQMAMBA_TEST"])
+    assert cpu_native.cache_path().name != name
+    assert all("-ffp-contract=off" in cpu_native.flags(isa) for isa in cpu_features.ISAS)
 
 
 SCRIPT = textwrap.dedent("""
@@ -174,8 +182,8 @@ def test_a_command_survives_with_at_most_one_line(env, tmp_path):
         expected = 0
     else:
         environ["CC"] = "/nonexistent/cc"
-        _damage("garbage", cache / "kernels" / cpu_kernels.cache_path().name)
-        expected = 1 if X86_AVX2 else 0
+        _damage("garbage", cache / "kernels" / cpu_native.cache_path().name)
+        expected = 1
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=environ, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -190,13 +198,13 @@ def test_two_processes_building_at_once(tmp_path):
     environ = {**os.environ, "QMAMBA_CACHE": str(tmp_path / "cache")}
     environ.pop("QMAMBA_NO_CPU_KERNELS", None)
     environ.pop("CC", None)
-    script = "from qmamba.quant import cpu_kernels as c; assert c.available(), c.unavailable_reason(); print('ok')"
+    script = "from qmamba.kernels import cpu_native as c; assert c.available(), c.unavailable_reason(); print('ok')"
     procs = [subprocess.Popen([sys.executable, "-c", script], env=environ, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and out.strip() == "ok" and not err.strip(), err[-2000:]
-    assert [f.name for f in (tmp_path / "cache" / "kernels").iterdir()] == [cpu_kernels.cache_path().name]
+    assert [f.name for f in (tmp_path / "cache" / "kernels").iterdir()] == [cpu_native.cache_path().name]
 
 
 # ------------------------------------------------------------------------------- weight codes
@@ -230,12 +238,14 @@ def test_valid_codes_load():
     QLinear(7, 3, True, 4).load_state_dict(q.state_dict())                      # odd size: padding nibble
 
 
-def test_minus_128_is_what_the_kernel_gets_wrong(kernel):
-    """Why -128 is refused: the AVX2 product (|x| * sign(x)w) cannot negate it."""
-    q_x = torch.full((1, 32), -1, dtype=torch.int8)
-    w = torch.full((4, 32), -128, dtype=torch.int8)
-    out = cpu_kernels.i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 0, None)
-    assert not torch.equal(out, (q_x.long() @ w.long().t()).float())
+def test_minus_128_is_what_the_avx2_build_gets_wrong(build):
+    """Why -128 is refused: the AVX2 product (|x| * sign(x)w) cannot negate it, so that build
+    disagrees with the others (which get it right: the VNNI builds add 128 to the activations
+    and subtract 128 * sum(w), the portable one multiplies plainly)."""
+    q_x = torch.full((1, 64), -1, dtype=torch.int8)
+    w = torch.full((4, 64), -128, dtype=torch.int8)
+    out = build.i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 0, None)
+    assert torch.equal(out, (q_x.long() @ w.long().t()).float()) == (build.isa != "avx2")
 
 
 # ---------------------------------------------------------------------------------- group sizes
@@ -255,7 +265,7 @@ def test_group_size_must_tile_the_inner_size():
 def test_kernel_refuses_a_group_size_that_drops_columns(kernel):
     q_x, w = torch.ones(1, 40, dtype=torch.int8), torch.ones(4, 40, dtype=torch.int8)
     with pytest.raises(ValueError, match="multiple of the group size"):
-        cpu_kernels.i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 32, None)
+        cpu_native.i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 32, None)
 
 
 # ----------------------------------------------------------------------------- int32 overflow
@@ -273,13 +283,13 @@ def _big_operands():
 
 
 @pytest.mark.parametrize("k", [K_BIG, K_BIG - 1])              # a 32-column tail / none (140000 = 4375 * 32)
-def test_kernel_sums_are_exact_beyond_int32(kernel, k):
+def test_kernel_sums_are_exact_beyond_int32(build, k):
     x, w, _ = _big_operands()
     x, w = x[:, :k].contiguous(), w[:, :k].contiguous()
     exact = x.long() @ w.long().t()
     assert exact.abs().max() > 2 ** 31
-    out = cpu_kernels.i8_linear(x, torch.ones(2), w, torch.ones(5, 1), 0, None)
-    assert torch.equal(out, exact.float())
+    for _ in range(3):                  # VNNI row sums: summed in the kernel, then cached, reused
+        assert torch.equal(build.i8_linear(x, torch.ones(2), w, torch.ones(5, 1), 0, None), exact.float())
 
 
 def test_torch_integer_sums_are_exact_beyond_int32():
@@ -292,7 +302,7 @@ def _f32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
-def _fma_sensitive_inputs():
+def _fma_sensitive_inputs(exp_f32):
     """(dA, q, x, B, eager code): the state update h = dA * q + x * B (dt = 1, scales 1) where
     the eager rounding (each product rounded, then the sum) lands exactly on a .5 boundary b, but
     both products have residuals of the same sign, so a fused multiply-add of either product
@@ -300,7 +310,7 @@ def _fma_sensitive_inputs():
     per call to exp_f32)."""
     for i in range(1, 400):
         a = _f32(-0.0037 * i)
-        dA = cpu_kernels.exp_f32(torch.tensor([a])).item()
+        dA = exp_f32(torch.tensor([a])).item()
         for q in range(20, 127):
             p = dA * q                                           # exact in float64
             big_p = _f32(p)
@@ -321,17 +331,17 @@ def _fma_sensitive_inputs():
 
 
 @pytest.mark.parametrize("n", [16, 5])                         # vector lanes / scalar
-def test_state_update_rounds_like_eager_without_fma(kernel, n):
+def test_state_update_rounds_like_eager_without_fma(build, n):
     """The kernel claims eager rounding (-ffp-contract=off): on inputs where one fused
     multiply-add changes the code, its code is eager's, and so is torch's eager result."""
-    a, q, x, bb, code = _fma_sensitive_inputs()
+    a, q, x, bb, code = _fma_sensitive_inputs(build.exp_f32)
     b, d, length = 1, 2, 1
     codes = torch.full((b, d, n), q, dtype=torch.int8)
     ones = torch.ones(b, length, d)
     B = torch.full((b, length, 1, n), bb)
-    y = cpu_kernels.dsq_scan(codes, torch.empty(0), torch.full((b, length, d), x), ones, torch.full((d, 1), a),
-                             B, torch.ones(b, length, 1, n), torch.ones(n), torch.ones(d, 1), False, 1, 127.0)
-    dA = cpu_kernels.exp_f32(torch.tensor([a]))
+    y = build.dsq_scan(codes, torch.empty(0), torch.full((b, length, d), x), ones, torch.full((d, 1), a),
+                       B, torch.ones(b, length, 1, n), torch.ones(n), torch.ones(d, 1), False, 1, 127.0)
+    dA = build.exp_f32(torch.tensor([a]))
     h = dA * torch.tensor([float(q)]) + (torch.tensor([1.0]) * torch.tensor([x])) * torch.tensor([bb])
     assert torch.round(h).item() == code                         # eager torch: the boundary, half to even
     assert torch.equal(codes, torch.full_like(codes, code))

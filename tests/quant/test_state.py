@@ -60,6 +60,7 @@ import torch
 from qmamba.errors import QMambaError
 from qmamba.models import MambaLM, ModelConfig, init_weights
 from qmamba.models.cache import SSMState
+from qmamba.kernels import forced
 from qmamba.models.scan.reference import selective_scan_ref
 from qmamba.quant import qscan
 from qmamba.quant.apply import state_quantizers
@@ -613,9 +614,9 @@ def compiled_qscan(monkeypatch):
     monkeypatch.setattr(qscan, "_COMPILED", {})
     monkeypatch.setattr(qscan, "_CHECKED", set())
     monkeypatch.setattr(qscan, "runs", collections.Counter())
-    monkeypatch.setattr(qscan, "use_cpu_kernels", False)
     torch._dynamo.reset()
-    yield
+    with forced("torch", ops=("dsq_scan",)):
+        yield
     torch._dynamo.reset()
 
 

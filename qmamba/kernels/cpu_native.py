@@ -1,0 +1,458 @@
+"""The C kernels of `cpu/int8_cpu.c` (integer GEMMs of the quantized linears, the DSQ step of
+the integer state cache), compiled on first use, one shared object per instruction set, and
+called through ctypes.
+
+PyTorch's own int8 CPU kernels (`torch._int_mm`, `_weight_int8pack_mm`) are built for CPUs with
+VNNI/AMX; on a plain AVX2 CPU they are slower than the float GEMV they should replace (measured:
+benchmarks/README.md). This small C file is the fast path there. Each build (`ISA_FLAGS`:
+avx512vnni, avxvnni, avx2, portable) is compiled with the system C compiler (`$CC`, else gcc,
+else cc) into a cache folder ($QMAMBA_CACHE/kernels, default ~/.cache/qmamba/kernels) under a
+name that holds the build, the hash of the source, the flags and the machine type, and reused.
+Only the build that `cpu_features.candidates()` puts first is compiled; if it cannot be (a
+compiler without -mavxvnni, say), the next lower one is, quietly. A cached library is never
+trusted blindly: after loading, every entry point must exist and pass a small self-test against
+the PyTorch computation it replaces (`_self_test`); otherwise it is rebuilt (into a temporary
+file, checked, then renamed over the cached name, so concurrent processes never see half a
+file) and, if no build works, callers fall back to PyTorch's ops after one warning line on the
+"qmamba" logger. `QMAMBA_NO_CPU_KERNELS=1` turns the kernels off without a warning.
+
+`native(isa)` returns the loaded kernels of one build (`NativeKernels`, or None); the module
+functions `i8_linear` etc. call the best build allowed (see qmamba.kernels.registry for
+forcing one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import cpu_features
+from .reference import pack_codes, unpack_codes
+
+SOURCE = Path(__file__).with_name("cpu") / "int8_cpu.c"
+# -ffp-contract=off: no fused multiply-adds the source does not write (dsq_scan rounds like eager)
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
+_X86 = ["-mavx2", "-mfma", "-mf16c"]
+ISA_FLAGS = {
+    "portable": ["-DQM_ISA_PORTABLE"],
+    "avx2": ["-DQM_ISA_AVX2", *_X86],
+    "avxvnni": ["-DQM_ISA_AVXVNNI", *_X86, "-mavxvnni"],
+    "avx512vnni": ["-DQM_ISA_AVX512VNNI", *_X86, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+}
+SYMBOLS = ("i8_linear", "i8_linear_f32", "i8_row_sums", "f32i8_linear", "exp_f32", "dsq_scan", "qmamba_isa")
+VNNI = ("avxvnni", "avx512vnni")        # builds that subtract 128 * sum(w): they take row sums
+STALE_BUILD_S = 3600                    # temporary build files older than this are left-overs of a killed build
+DISABLE_ENV = "QMAMBA_NO_CPU_KERNELS"
+
+log = logging.getLogger("qmamba")
+_native: dict[str, "NativeKernels"] = {}    # isa -> loaded and verified
+_errors: dict[str, str] = {}                # isa -> why it is not
+_chosen: dict[Optional[str], Optional[str]] = {}   # forced ceiling -> the build in use (None: PyTorch)
+_error: Optional[str] = None                # why no build is in use (the last selection)
+_lock = threading.Lock()                    # one build and self-test at a time
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QMAMBA_CACHE") or Path.home() / ".cache" / "qmamba") / "kernels"
+
+
+def flags(isa: str) -> list[str]:
+    return [*ISA_FLAGS[isa], *FLAGS]
+
+
+def cache_path(isa: Optional[str] = None) -> Path:
+    """Where the compiled library of this source, this build's flags and this machine type is
+    cached (`isa` None: the build the kernels would use first)."""
+    isa = isa or cpu_features.candidates()[0]
+    key = SOURCE.read_bytes() + " ".join(flags(isa)).encode() + platform.machine().encode()
+    return cache_dir() / f"int8_cpu-{isa}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+
+
+def build_command(cc: str, isa: str, out, extra=()) -> list[str]:
+    return [cc, *flags(isa), *extra, str(SOURCE), "-o", str(out)]
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    """Load a compiled library and declare its entry points (AttributeError if one is missing)."""
+    lib = ctypes.CDLL(str(path))
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.i8_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32]
+    lib.f32i8_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.i8_linear_f32.argtypes = [i64, i64, i64, ptr, ctypes.c_float, i32, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32]
+    lib.i8_row_sums.argtypes = [i64, i64, ptr, i64, ptr]
+    lib.dsq_scan.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                             i32, i32, ctypes.c_float, ptr, i32]
+    lib.exp_f32.argtypes = [i64, ptr, ptr]
+    for name in SYMBOLS:
+        getattr(lib, name).restype = None
+    lib.qmamba_isa.restype = ctypes.c_char_p
+    lib.qmamba_isa.argtypes = []
+    return lib
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+class NativeKernels:
+    """The entry points of one loaded build, with PyTorch-facing signatures. `threads` None: as
+    many as torch uses; the self-test uses 1 (a parallel region can cost milliseconds on a busy
+    machine)."""
+
+    def __init__(self, lib: ctypes.CDLL, isa: str, threads: Optional[int] = None):
+        self.lib, self.isa, self.threads = lib, isa, threads
+        self._sums = WeakIdKeyDictionary()      # weight tensor -> (its layout, row sums)
+
+    def _n_threads(self) -> int:
+        return self.threads or torch.get_num_threads()
+
+    def row_sums(self, codes: Tensor, group_size: int) -> Optional[Tensor]:
+        """(N, G) int32 sums of each row's codes per group, which the VNNI builds subtract (times
+        128); None for the other builds. Computed once per weight: cached under the tensor that
+        holds the codes (a view's base), checked against its layout and version counter. A
+        weight seen for the first time gets None (the kernel sums its rows itself): fresh codes
+        of every call (W4 unpacked per call) never pay for a separate pass."""
+        if self.isa not in VNNI:
+            return None
+        owner = codes if codes._base is None else codes._base
+        layout = (codes.data_ptr(), tuple(codes.shape), codes.stride(), codes._version, group_size)
+        hit = self._sums.get(owner)
+        if hit is not None and hit[0] == layout:
+            if hit[1] is None:                  # the second call: worth caching
+                n, k = codes.shape
+                sums = torch.empty(n, k // group_size, dtype=torch.int32)
+                self.lib.i8_row_sums(n, k, _ptr(codes), group_size, _ptr(sums))
+                self._sums[owner] = (layout, sums)
+                return sums
+            return hit[1]
+        self._sums[owner] = (layout, None)
+        return None
+
+    def _int8_weights(self, m: int, k: int, codes: Tensor, w_scale: Tensor, group_size: int,
+                      bias: Optional[Tensor]):
+        """The weight-side arguments of the int8 GEMMs in the kernel's layout, and the (M, N) output."""
+        n = codes.shape[0]
+        gs = group_size or k
+        if k % gs or codes.shape[1] != k:
+            raise ValueError(f"int8 product: the inner size {k} must match the weight's ({codes.shape[1]}) "
+                             f"and be a multiple of the group size {gs}")
+        bias = None if bias is None else bias.float().contiguous()
+        codes = codes.contiguous()
+        return (codes, self.row_sums(codes, gs), w_scale.float().reshape(n, k // gs).contiguous(), gs, bias,
+                torch.empty(m, n, dtype=torch.float32))
+
+    def i8_linear(self, q_x: Tensor, s_x: Tensor, codes: Tensor, w_scale: Tensor, group_size: int,
+                  bias: Optional[Tensor]) -> Tensor:
+        """(M, K) int8 activations with (M,) float32 scales x (N, K) int8 weights with (N, G) float32
+        scales (G = K / `group_size` groups of columns; G = 1 per channel) -> (M, N) float32. Weight
+        codes must be in [-127, 127] (the AVX2 build cannot negate -128; loading refuses it); the
+        integer sums are exact for any K (int64 across chunks of 65536 columns)."""
+        m, k = q_x.shape
+        codes, sums, w_scale, gs, bias, out = self._int8_weights(m, k, codes, w_scale, group_size, bias)
+        q_x, s_x = q_x.contiguous(), s_x.float().expand(m).contiguous()
+        self.lib.i8_linear(m, out.shape[1], k, _ptr(q_x), _ptr(s_x), _ptr(codes), _ptr(sums), _ptr(w_scale), gs,
+                           _ptr(bias), _ptr(out), self._n_threads())
+        return out
+
+    def i8_linear_quantizing(self, x: Tensor, static_scale: Optional[float], codes: Tensor, w_scale: Tensor,
+                             group_size: int, bias: Optional[Tensor]) -> Tensor:
+        """`i8_linear` of float activations (M, K) that the kernel quantizes to int8 itself: with
+        the per-tensor `static_scale`, or per row (dynamic) when it is None."""
+        m, k = x.shape
+        codes, sums, w_scale, gs, bias, out = self._int8_weights(m, k, codes, w_scale, group_size, bias)
+        x, s_x = x.float().contiguous(), torch.empty(m, dtype=torch.float32)
+        self.lib.i8_linear_f32(m, out.shape[1], k, _ptr(x), 0.0 if static_scale is None else float(static_scale),
+                               int(static_scale is None), _ptr(codes), _ptr(sums), _ptr(w_scale), gs, _ptr(bias),
+                               _ptr(out), _ptr(s_x), self._n_threads())
+        return out
+
+    def f32i8_linear(self, x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
+        """(M, K) float32 x (N, K) int8 weights with (N,) float32 row scales -> (M, N) float32."""
+        m, k = x.shape
+        n = codes.shape[0]
+        x, codes = x.float().contiguous(), codes.contiguous()
+        scale = scale.float().reshape(n).contiguous()
+        out = torch.empty(m, n, dtype=torch.float32)
+        self.lib.f32i8_linear(m, n, k, _ptr(x), _ptr(codes), _ptr(scale), _ptr(out), self._n_threads())
+        return out
+
+    def exp_f32(self, x: Tensor) -> Tensor:
+        """exp of float32 values with the kernel's vectorised exp (the per-state decays of dsq_scan)."""
+        x = x.float().contiguous()
+        y = torch.empty_like(x)
+        self.lib.exp_f32(x.numel(), _ptr(x), _ptr(y))
+        return y
+
+    def dsq_scan(self, codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 s_n: Tensor, static_scale: Tensor, dynamic: bool, per_byte: int, qmax: float) -> Tensor:
+        """The quantized recurrence of a DSQ (or per-channel, s_n = 1) integer state over l tokens,
+        round to nearest, reading and then writing the codes in place: codes (b, d, ceil(n /
+        per_byte)) uint8 with two 4-bit or four 2-bit codes per byte, or (b, d, n) int8; scales
+        (b, d, 1) float16 when dynamic; x, dt (b, l, d); A (d, 1) or (d, n); B, C (b, l, g, n); s_n
+        (n,); static_scale (d, 1). Returns y (b, l, d) float32 =
+        <stored h_t, C_t> (without D x_t)."""
+        assert codes.is_contiguous() and scales.is_contiguous()
+        b, length, d = x.shape
+        g, n = B.shape[-2:]
+        x, dt, A, B, C, s_n, static_scale = (t.float().contiguous() for t in (x, dt, A, B, C, s_n, static_scale))
+        y = torch.empty(b, length, d, dtype=torch.float32)
+        self.lib.dsq_scan(b, length, d, n, g, A.shape[-1], _ptr(codes), _ptr(scales) if dynamic else None, _ptr(x),
+                          _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(s_n), _ptr(static_scale), int(dynamic),
+                          int(per_byte), float(qmax), _ptr(y), self._n_threads())
+        return y
+
+
+def _self_test(lib: ctypes.CDLL, isa: str) -> None:
+    """Every entry point on tiny inputs (both lanes of each loop: vector blocks and tails) against
+    PyTorch; raises RuntimeError on any difference. Inputs are small integers so that the
+    products are exact whatever the summation order: equality is required, except for exp."""
+    g = torch.Generator().manual_seed(0)
+    k = NativeKernels(lib, isa, threads=1)
+
+    def ints(lo, hi, *shape):
+        return torch.randint(lo, hi + 1, shape, generator=g)
+
+    def check(what: str, ok: bool):
+        if not ok:
+            raise RuntimeError(f"self-test of {what} failed: it disagrees with PyTorch")
+
+    built = lib.qmamba_isa().decode()
+    if built != isa:
+        raise RuntimeError(f"the library is the {built} build, not {isa}")
+    for n_k, gs in ((64, 32), (40, 0), (200, 0)):   # vector blocks of four rows / scalar tails
+        q_x, w = ints(-127, 127, 5, n_k).to(torch.int8), ints(-127, 127, 6, n_k).to(torch.int8)
+        bias = ints(-50, 50, 6).float()
+        exact = (q_x.long() @ w.long().t()).float() + bias
+        for _ in range(3):                          # row sums: summed in the kernel, cached, reused
+            out = k.i8_linear(q_x, torch.ones(5), w, torch.ones(6, n_k // (gs or n_k)), gs, bias)
+            check("i8_linear", torch.equal(out, exact))
+    x, w = torch.randn(3, 64, generator=g), ints(-127, 127, 6, 64).to(torch.int8)
+    for static in (None, 0.02):
+        s = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127 if static is None else torch.tensor(static)
+        q = torch.round(x / s).clamp(-127, 127).long()
+        ref = s.reshape(-1, 1) * (q @ w.long().t()).float()
+        check("i8_linear_f32", torch.equal(k.i8_linear_quantizing(x, static, w, torch.ones(6), 0, None), ref))
+    for m in (1, 3):                                 # M = 1 converts in registers, M > 1 a float block
+        x, w = ints(-8, 8, m, 20).float(), ints(-127, 127, 6, 20).to(torch.int8)
+        check("f32i8_linear", torch.equal(k.f32i8_linear(x, w, torch.full((6,), 0.5)), (x @ w.float().t()) * 0.5))
+    x = torch.linspace(-10.0, 2.0, 19)
+    check("exp_f32", torch.allclose(k.exp_f32(x), torch.exp(x), rtol=1e-6, atol=0))
+    for n, per_byte, n_a in ((16, 1, 16), (16, 2, 1), (5, 1, 1)):    # vector / packed / scalar
+        b, d, length = 1, 2, 2
+        q0 = ints(-1, 1, b, d, n).to(torch.int8)
+        codes = pack_codes(q0, per_byte).clone().contiguous()     # written in place
+        B, C = ints(-2, 2, b, length, 1, n).float(), ints(-3, 3, b, length, 1, n).float()
+        ones = torch.ones(b, length, d)
+        y = k.dsq_scan(codes, torch.empty(0), ones, ones, torch.zeros(d, n_a), B, C, torch.ones(n),
+                       torch.ones(d, 1), False, per_byte, 7.0)
+        h = q0.float()                            # exp(0) = 1, dt = x = 1, scales 1: exact
+        ys = []
+        for t in range(length):
+            h = (h + B[:, t]).round().clamp(-7, 7)
+            ys.append((h * C[:, t]).sum(-1))
+        check("dsq_scan", torch.equal(unpack_codes(codes, per_byte, n), h.to(torch.int8))
+              and torch.equal(y, torch.stack(ys, 1)))
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    return cc
+
+
+def _build_dir(out: Path) -> Path:
+    """The cache folder, or a private temporary one where the cache cannot be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if os.access(out.parent, os.W_OK):
+            for old in out.parent.glob(".int8_cpu-build-*"):   # a killed build's left-overs
+                try:
+                    if time.time() - old.stat().st_mtime > STALE_BUILD_S:
+                        old.unlink()
+                except OSError:
+                    pass
+            return out.parent
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="qmamba-kernels-"))
+
+
+def _compile_and_check(out: Path, isa: str) -> ctypes.CDLL:
+    """Compile into a temporary file next to `out`, load and self-test it, then rename it to
+    `out` (atomic: a concurrent reader or builder sees the old file or the new one, whole). The
+    library is loaded from its temporary name: dlopen of a name already loaded in this process
+    (a bad cached file) would return the old library."""
+    cc = _compiler()
+    folder = _build_dir(out)
+    fd, tmp = tempfile.mkstemp(prefix=".int8_cpu-build-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        try:
+            r = subprocess.run(build_command(cc, isa, tmp), capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the C compiler {cc!r} ran for more than 10 minutes") from None
+        except OSError as e:
+            raise RuntimeError(f"cannot run the C compiler {cc!r}: {e.strerror or e}") from None
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise RuntimeError(f"compiling {SOURCE.name} ({isa}) with {cc} failed: {last[-200:]}")
+        lib = _bind(Path(tmp))
+        _self_test(lib, isa)
+        if folder == out.parent:
+            os.replace(tmp, out)
+        return lib
+    finally:                            # (a loaded library stays mapped once its file is gone)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if folder != out.parent:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
+def _build(isa: str) -> ctypes.CDLL:
+    """The verified library of one build: the cached one if it loads and passes the self-test,
+    else rebuilt."""
+    out = cache_path(isa)
+    if out.exists():
+        try:
+            lib = _bind(out)
+            _self_test(lib, isa)
+            return lib
+        except Exception as e:          # garbage, a missing symbol, wrong numbers: rebuild it
+            bad = _one_line(e).replace(f"{out}: ", "")
+        try:
+            lib = _compile_and_check(out, isa)
+        except Exception as e:
+            raise RuntimeError(f"the cached {out} is unusable ({bad}) and rebuilding it failed "
+                               f"({_one_line(e)})") from None
+        log.warning("qmamba: the cached C kernel %s was unusable (%s); rebuilt it", out, bad)
+        return lib
+    return _compile_and_check(out, isa)
+
+
+def _load(isa: str) -> Optional[NativeKernels]:
+    """One build, loaded once per process (None, with the reason in `_errors`, if it fails)."""
+    if isa not in _native and isa not in _errors:
+        try:
+            _native[isa] = NativeKernels(_build(isa), isa)
+        except Exception as e:          # never let a broken kernel stop a command: the next build
+            _errors[isa] = " ".join(str(e).split())[:600] if isinstance(e, RuntimeError) else _one_line(e)
+    return _native.get(isa)
+
+
+def select(forced: Optional[str] = None) -> Optional[NativeKernels]:
+    """The best build allowed (`forced`: a ceiling, see cpu_features.candidates) that loads, or
+    None: switched off, or no build works (one warning line then)."""
+    global _error
+    if forced in _chosen:
+        isa = _chosen[forced]
+        return None if isa is None else _native[isa]
+    with _lock:
+        if forced not in _chosen:
+            chosen = None
+            if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+                _error = f"disabled by {DISABLE_ENV}"
+            else:
+                tried = cpu_features.candidates(forced)     # (a QMambaError for a bad QMAMBA_CPU_ISA)
+                for isa in tried:
+                    if _load(isa) is not None:
+                        chosen = isa
+                        break
+                    log.info("qmamba: the %s C kernels are unavailable (%s)", isa, _errors[isa])
+                if chosen is None:
+                    _error = _errors[tried[0]]
+                    log.warning("qmamba: C kernels unavailable, using the slower PyTorch path: %s", _error)
+                elif chosen != tried[0]:
+                    _error = f"{tried[0]}: {_errors[tried[0]]}"
+            _chosen[forced] = chosen
+    isa = _chosen[forced]
+    return None if isa is None else _native[isa]
+
+
+def native(isa: str) -> Optional[NativeKernels]:
+    """The kernels of exactly this build if the CPU runs it and it loads, else None."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0") or isa not in cpu_features.runnable():
+        return None
+    with _lock:
+        return _load(isa)
+
+
+def error(isa: str) -> Optional[str]:
+    """Why `native(isa)` is None (None if it loaded or was never tried)."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"disabled by {DISABLE_ENV}"
+    if isa not in cpu_features.runnable():
+        return f"this CPU lacks {', '.join(cpu_features.missing(isa))}"
+    return _errors.get(isa)
+
+
+def reset() -> None:
+    """Forget every loaded build and choice, as in a new process (tests)."""
+    global _error
+    with _lock:
+        _native.clear()
+        _errors.clear()
+        _chosen.clear()
+        _error = None
+
+
+def available() -> bool:
+    """True when a build is loaded (or loadable), verified, and this CPU runs it."""
+    return select() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the best build is not in use (None when it is)."""
+    select()
+    return _error
+
+
+def isa() -> Optional[str]:
+    """The build the module functions call, None when the kernels are unavailable."""
+    k = select()
+    return None if k is None else k.isa
+
+
+def _best() -> NativeKernels:
+    k = select()
+    assert k is not None, _error
+    return k
+
+
+# the best build's entry points, for callers that do not go through the registry
+def i8_linear(*args) -> Tensor:
+    return _best().i8_linear(*args)
+
+
+def i8_linear_quantizing(*args) -> Tensor:
+    return _best().i8_linear_quantizing(*args)
+
+
+def f32i8_linear(*args) -> Tensor:
+    return _best().f32i8_linear(*args)
+
+
+def exp_f32(x: Tensor) -> Tensor:
+    return _best().exp_f32(x)
+
+
+def dsq_scan(*args) -> Tensor:
+    return _best().dsq_scan(*args)
