@@ -8,8 +8,8 @@ indices; Mamba2 channels are grouped by head, c = head * headdim + i):
 
   state maxima    max over all tokens of |h_t[c, n]|, the states of the exact per-token
                   recurrence (`selective_scan_ref` fed with the mixer's `per_channel` inputs,
-                  recorded through the mixer's state-quantizer slot): the map DSQ factorises
-                  into a channel scale times a state-axis scale. Its profiles along each axis (max over the
+                  run by the probe the mixer hands its scan to): the map DSQ factorises into a
+                  channel scale times a state-axis scale. Its profiles along each axis (max over the
                   other) and their max/median ratios, and per head for Mamba2.
   activations     max |a| per channel at every quantization point: the inputs of in_proj,
                   (Mamba1) dt_proj, out_proj, the conv input and the scan inputs x, B, C, dt and

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ...errors import QMambaError
+from ...models.scan.reference import selective_scan_ref
 
 SAMPLE_POSITIONS = 8          # states kept per sequence for the SQNR (evenly spaced tokens)
 SAMPLE_BUDGET = 1 << 21       # ... and at most this many floats of them per layer (reservoir)
@@ -54,15 +55,11 @@ class Probe:
     """Collects one layer's statistics: activation maxima (forward pre-hooks on the quantization
     points) and the SSM states of the exact per-token recurrence.
 
-    The states come through the mixer's state-quantizer slot (`mixer.state_quant`), the hook the
-    mixer offers on its state: with something in that slot, `MixerBase.scan` runs the per-token
-    recurrence (`selective_scan_ref`) and passes the state through it after every token. The
-    probe stands there as an identity that records. Its mode, "record", is none of those the
-    mixer routes elsewhere ("off": the parallel scan, "observe": the segmented calibration scan,
-    "quant": the fused kernels); a forward pre-hook on the mixer resets the token counter at the
-    start of every sequence batch."""
-
-    mode = "record"
+    The states come through the hook the mixer offers on its scan: a mixer with a state
+    quantizer (`mixer.state_quant`) hands its scan to that object's `scan(mixer, x, dt, B, C,
+    state)`. The probe stands there and runs the exact per-token recurrence
+    (`selective_scan_ref` of the mixer's `per_channel` inputs), recording the state after every
+    token; the layers after it get that recurrence's output."""
 
     def __init__(self, rec: LayerRecord, mixer, arch: str, cap: int, seed: int):
         self.rec, self.mixer, self.arch, self.cap = rec, mixer, arch, cap
@@ -74,7 +71,6 @@ class Probe:
     def install(self):
         for name, mod in act_points(self.arch, self.mixer):
             self.handles.append(mod.register_forward_pre_hook(self._act_hook(name)))
-        self.handles.append(self.mixer.register_forward_pre_hook(self._start, with_kwargs=True))
         self.mixer.state_quant = self
 
     def remove(self):
@@ -91,20 +87,19 @@ class Probe:
             self.rec.act[name] = a if prev is None else torch.maximum(prev, a)
         return hook
 
-    def _start(self, module, args, kwargs):
-        """Before the mixer runs a batch (b, l, d_model): the token steps whose states are sampled."""
-        state = args[1] if len(args) > 1 else kwargs.get("state")
+    def scan(self, mixer, x, dt, B, C, state) -> Tensor:
+        """The mixer's scan of a batch of whole sequences: y (b, l, d) of the exact recurrence."""
         if state is not None:
             raise RuntimeError("inspect runs whole sequences without a cache")
-        length = args[0].shape[1]
+        length = x.shape[1]
         k = min(SAMPLE_POSITIONS, length)
         self.keep = {round((j + 1) * length / k) for j in range(k)}        # 1-based token steps
         self.t = 0
+        with torch.no_grad():
+            y, _ = selective_scan_ref(*mixer.per_channel(x, dt, B, C), None, self._record)
+        return y
 
-    def reseed(self):
-        """Called by the mixer before a pass over whole sequences; the probe draws nothing there."""
-
-    def __call__(self, h: Tensor) -> Tensor:
+    def _record(self, h: Tensor) -> Tensor:
         """The state (b, d, n) after one token: recorded, returned unchanged."""
         rec = self.rec
         torch.maximum(rec.amax, h.abs().amax(0), out=rec.amax)
