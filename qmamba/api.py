@@ -23,13 +23,13 @@ from .errors import QMambaError
 from .methods.checkpoint import load_quantized
 from .models.lm import MambaLM
 from .models.load import load_folder
-from .utils.io import read_json
+from .utils.paths import MODELS_DIR
+from .utils.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 REFERENCE_MODELS = ("ref-mamba2", "ref-mamba1")
 DEFAULT_MODEL = "ref-mamba2"
-REFERENCE_DIR = Path(__file__).resolve().parent / "assets" / "models"
+REFERENCE_DIR = MODELS_DIR
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILE = "tokenizer.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a hub download fetches: configs, tokenizer, and one kind of weights (see _hub_patterns)
 _HUB_COMMON = ["*.json", "*.txt", "*.model"]
@@ -164,43 +164,6 @@ def resolve_model_path(name_or_path: Union[str, os.PathLike]) -> Path:
 
 
 # ------------------------------------------------------------------------------ tokenizer
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(e).__name__
-
-
-def load_tokenizer(source: Union[str, os.PathLike]):
-    """A fast tokenizer from a folder (tokenizer.json, tokenizer_config.json, ...) or a
-    tokenizer.json file. A folder whose tokenizer_config.json names a class other than
-    PreTrainedTokenizerFast goes through AutoTokenizer (slow to import, so only then)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(source).expanduser()
-    folder, file = (path.parent, path) if path.is_file() else (path, path / TOKENIZER_FILE)
-    if not file.is_file():
-        raise QMambaError(f"no tokenizer at {path} (expected {TOKENIZER_FILE})")
-    try:
-        Tokenizer.from_file(str(file))
-    except Exception as e:  # the tokenizers library raises bare Exception
-        raise QMambaError(f"tokenizer file {file} is not a valid tokenizer.json ({_first_line(e)})") from None
-    if path.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(file))
-    tok_config = folder / "tokenizer_config.json"
-    named = read_json(tok_config, "tokenizer config").get("tokenizer_class") if tok_config.is_file() else None
-    if named in (None, "PreTrainedTokenizerFast"):
-        cls = PreTrainedTokenizerFast
-    else:
-        from transformers import AutoTokenizer as cls
-    try:
-        tok = cls.from_pretrained(str(folder))
-    except (OSError, ValueError, ImportError) as e:
-        raise QMambaError(f"cannot load the tokenizer in {folder}: {_first_line(e)}") from None
-    if not isinstance(tok, PreTrainedTokenizerFast):
-        raise QMambaError(f"the tokenizer in {folder} is not a fast tokenizer ({type(tok).__name__})")
-    return tok
-
-
 def _tokenizer_for(tokenizer, folder: Path):
     if tokenizer is None:
         return load_tokenizer(folder) if (folder / TOKENIZER_FILE).is_file() else None

@@ -10,23 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qmamba.api import load
+from qmamba.eval.perplexity import perplexity, tokenize_text_file
+from qmamba.eval.tasks import run_tasks
+from qmamba.eval.unigram import proxy_task_baselines, unigram_perplexity
+from qmamba.utils.io import atomic_write_json
+from qmamba.utils.paths import MODELS_DIR, TEST_TEXT, VALIDATION_TEXT
 
-from qmamba.api import load  # noqa: E402
-from qmamba.eval.harness import run_tasks  # noqa: E402
-from qmamba.eval.perplexity import perplexity, tokenize_text_file  # noqa: E402
-from qmamba.eval.unigram import proxy_task_baselines, unigram_perplexity  # noqa: E402
-from qmamba.utils.io import atomic_write_json  # noqa: E402
-
-ASSETS = ROOT / "qmamba" / "assets"
-TEXTS = {"validation": ASSETS / "text" / "validation.txt", "test": ASSETS / "text" / "test.txt"}
+ROOT = Path(__file__).resolve().parents[1]         # the repository: data/ holds the training split
+TEXTS = {"validation": VALIDATION_TEXT, "test": TEST_TEXT}
 
 
 def evaluate(name: str) -> dict:
@@ -105,7 +102,7 @@ def main(argv=None):
     ap.add_argument("--run", type=Path, required=True)
     args = ap.parse_args(argv)
     summary = json.loads((args.run / "summary.json").read_text())
-    dest = ASSETS / "models" / args.name
+    dest = MODELS_DIR / args.name
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(args.run / "model", dest)

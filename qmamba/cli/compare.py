@@ -22,8 +22,8 @@ import torch
 
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json, check_output
+from ..utils.paths import HELDOUT_TEXTS, TEST_TEXT
 from .common import ESR_FLAGS, add_esr_args, add_model_args, check_calibration_size
-from .eval import TEST_TEXT
 
 log = logging.getLogger("qmamba")
 
@@ -49,7 +49,7 @@ ROWS = {
 }
 DEFAULT_METHODS = "fp,rtn,smoothquant,quamba,rtn-channel,dsq,qmamba"
 # out-of-domain test texts (scripts/build_heldout.py): never seen in training, never used for a choice
-HELDOUT = {"ood-drama": TEST_TEXT.parent / "ood_drama_test.txt", "ood-tech": TEST_TEXT.parent / "ood_tech_test.txt"}
+HELDOUT = HELDOUT_TEXTS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """`qmamba eval [MODEL] [--ppl FILE] [--tasks NAMES --limit N] [--json OUT]`.
 
 Perplexity on a text file (default: the shipped test text) and, through
-`qmamba.eval.harness.run_tasks`, zero-shot tasks. With neither --ppl nor --tasks it measures
+`qmamba.eval.tasks.run_tasks`, zero-shot tasks. With neither --ppl nor --tasks it measures
 perplexity on the test text, so plain `qmamba eval` evaluates the default reference model.
 """
 
@@ -19,9 +19,9 @@ import torch
 from .common import add_model_args, add_quant_args, describe, load_model
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json, check_output
+from ..utils.paths import TEST_TEXT
 
-HARNESS = "qmamba.eval.harness"
-TEST_TEXT = Path(__file__).resolve().parents[1] / "assets" / "text" / "test.txt"
+HARNESS = "qmamba.eval.tasks"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="use only the first N tokens of the text")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default 8)")
-    # zero-shot tasks: run by qmamba.eval.harness.run_tasks (lm-eval)
+    # zero-shot tasks: run by qmamba.eval.tasks.run_tasks (lm-eval)
     p.add_argument("--tasks", metavar="NAMES", help="comma-separated zero-shot task names")
     p.add_argument("--limit", type=int, metavar="N", help="at most N examples per task")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
@@ -48,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_tasks(model, tokenizer, tasks: list[str], limit) -> dict:
-    """Zero-shot tasks through `qmamba.eval.harness`, when that module is installed."""
+    """Zero-shot tasks through `qmamba.eval.tasks`, when lm-eval is installed."""
     try:
         harness = importlib.import_module(HARNESS)
     except ModuleNotFoundError as e:

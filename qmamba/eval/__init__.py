@@ -1,4 +1,4 @@
-"""Evaluation: perplexity on a text file (`perplexity`); zero-shot tasks live in `harness`."""
+"""Evaluation: perplexity on a text file (`perplexity`); zero-shot tasks live in `tasks`."""
 
 from .perplexity import perplexity, tokenize_text_file, windows
 

@@ -107,7 +107,7 @@ def evaluate(model: MambaLM, tokenizer, setup: EvalSetup, fp_model: Optional[Mam
         out.update(perplexity=ppl["perplexity"], tokens=ppl["tokens"])
     out["ppl_seconds"] = round(time.time() - t, 1)
     if setup.tasks:
-        from .harness import run_tasks
+        from .tasks import run_tasks
 
         t = time.time()
         res = run_tasks(model, tokenizer, list(setup.tasks), limit=setup.limit, batch_size=setup.batch_size)

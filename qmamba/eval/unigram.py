@@ -8,7 +8,7 @@
   there is no finite set to guess from).
 * `proxy_task_baselines(train_ids, vocab_size, tokenizer)`: the unigram LM scored on the proxy
   tasks exactly the way lm-eval scores any LM (same templates and the same HFLM tokenization
-  as `qmamba.eval.harness`), so its numbers sit in the same table as a model's:
+  as `qmamba.eval.lm_eval_adapter`), so its numbers sit in the same table as a model's:
   - cloze_proxy `acc`: lm-eval's LAMBADA accuracy is "greedy decoding reproduces every target
     token"; a unigram model's greedy choice is its most frequent token at every position, so
     an item counts only if every target token is that token. It is (honestly) ~0; `perplexity`
@@ -29,11 +29,12 @@ from typing import Optional
 import numpy as np
 
 from ..errors import QMambaError
+from ..utils.paths import TASKS_DIR
+from ..utils.tokenizer import load_tokenizer
 
 __all__ = ["CHANCE", "chance_accuracy", "unigram_logprobs", "unigram_perplexity", "proxy_task_baselines"]
 
 CHANCE = {"cloze_proxy": 0.0, "nextsent_proxy": 0.25}
-_TASKS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 
 
 def chance_accuracy(task: str) -> float:
@@ -85,7 +86,7 @@ def unigram_perplexity(train_ids, test_ids, vocab_size: int, alpha: float = 1.0)
 
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's (TemplateLM / HFLM) split: trailing context spaces move to the continuation, the
-    whole string is encoded and cut at the context's length (what qmamba.eval.harness does)."""
+    whole string is encoded and cut at the context's length (what qmamba.eval.lm_eval_adapter does)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -108,12 +109,10 @@ def proxy_task_baselines(train_ids, vocab_size: int, tokenizer=None, alpha: floa
     {"cloze_proxy": {"chance", "acc", "perplexity", "n"},
      "nextsent_proxy": {"chance", "acc", "acc_norm", "n"}}; `limit` takes the first items."""
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(_TASKS_DIR.parent / "tokenizer"))
+        tokenizer = load_tokenizer()
     logp = unigram_logprobs(train_ids, vocab_size, alpha)
     top = int(np.argmax(logp))
-    tasks_dir = Path(tasks_dir) if tasks_dir is not None else _TASKS_DIR
+    tasks_dir = Path(tasks_dir) if tasks_dir is not None else TASKS_DIR
 
     def score(tokens: list[int]) -> float:
         return float(logp[np.asarray(tokens, dtype=np.int64)].sum()) if tokens else 0.0

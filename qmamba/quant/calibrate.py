@@ -15,11 +15,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import QMambaError
+from ..utils.paths import VALIDATION_TEXT
 from .activation import ActQuantizer
 from .state import StateQuantizer
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_CALIB_TEXT = ASSETS / "text" / "validation.txt"
+DEFAULT_CALIB_TEXT = VALIDATION_TEXT
 
 
 def calibration_ids(tokenizer, path: Optional[Path] = None, nsamples: int = 128, seqlen: int = 512,
