@@ -18,32 +18,17 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qmamba.kernels import lookup  # noqa: E402
-from qmamba.utils.io import atomic_write_json  # noqa: E402
+from qmamba.eval.timing import median_seconds
+from qmamba.kernels import lookup
+from qmamba.utils.io import atomic_write_json
 
 SHAPES = {"in_proj (3352 x 768)": (3352, 768), "out_proj (768 x 1536)": (768, 1536),
           "head (50280 x 768)": (50280, 768)}
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out) * 1e3
 
 
 def candidates(x, codes, scale):
@@ -86,7 +71,7 @@ def main(argv=None):
             row = {"rows": m, "shape": label}
             for name, fn in candidates(x, codes, scale).items():
                 try:
-                    row[name] = timed(fn, reps)
+                    row[name] = median_seconds(fn, reps, warmup=2) * 1e3      # ms
                 except RuntimeError as e:             # an op this build lacks
                     row[name] = None
                     print(f"{name}: {str(e).splitlines()[0]}", file=sys.stderr)

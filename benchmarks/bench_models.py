@@ -30,8 +30,9 @@ about 1.2 GB per 256-token chunk and layer at mamba2-130m, so roughly 10 GB of p
 2048 tokens, and much of its time goes to page faults on those buffers. Its decode uses the
 single-token recurrent branch of the same functions.
 
-Peak RSS is the process's (`ru_maxrss`) after each row, so it is cumulative over the run and
-covers both models; use it as an upper bound, not a per-implementation number.
+Peak RSS is the process's (VmHWM, `qmamba.eval.timing.peak_rss`) after each row, so it is
+cumulative over the run and covers both models; use it as an upper bound, not a
+per-implementation number.
 """
 
 from __future__ import annotations
@@ -40,22 +41,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qmamba.models.config import ModelConfig, from_hf_dict  # noqa: E402
-from qmamba.models.lm import MambaLM  # noqa: E402
-from qmamba.models.shapes import SHAPES, shape_config  # noqa: E402
+from qmamba.eval.timing import peak_rss, timed
+from qmamba.models.config import ModelConfig, from_hf_dict
+from qmamba.models.lm import MambaLM
+from qmamba.models.shapes import SHAPES, shape_config
 
 TOLERANCE = 1e-3
 PARITY_LEN, PARITY_DECODE = 24, 4
@@ -160,10 +156,8 @@ def check_parity(ours, hf, vocab: int, seed: int = 1) -> dict:
 
 
 # ------------------------------------------------------------------------------------ timing
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t0)
+def timed_ms(fn: Callable[[], object]) -> float:
+    return 1e3 * timed(fn)[1]
 
 
 def time_prefill(models: dict, ids: Tensor, reps: int) -> dict:
@@ -174,7 +168,7 @@ def time_prefill(models: dict, ids: Tensor, reps: int) -> dict:
     times = {name: [] for name in runs}
     for _ in range(reps):
         for name, run in runs.items():
-            times[name].append(timed(run))
+            times[name].append(timed_ms(run))
     return times
 
 
@@ -188,13 +182,12 @@ def time_decode(models: dict, prompt: Tensor, tokens: Tensor, reps: int, warmup:
     times = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
-            times[name].append(statistics.median(timed(lambda t=tok: step(t.view(1))) for tok in tokens))
+            times[name].append(statistics.median(timed_ms(lambda t=tok: step(t.view(1))) for tok in tokens))
     return times
 
 
 def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss       # KiB on Linux, bytes on macOS
-    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
+    return peak_rss() / 2 ** 20
 
 
 def row(shape: str, what: str, times: dict) -> dict:

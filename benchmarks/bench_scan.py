@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,12 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qmamba.models.scan.linear import ChunkedLinearScan, chunk_len, from_chunks, to_chunks  # noqa: E402
-from qmamba.models.scan.mamba1 import selective_chunk_len, selective_scan  # noqa: E402
-from qmamba.models.scan.reference import selective_scan_ref  # noqa: E402
+from qmamba.models.scan.linear import ChunkedLinearScan, chunk_len, from_chunks, to_chunks
+from qmamba.models.scan.mamba1 import selective_chunk_len, selective_scan
+from qmamba.models.scan.reference import selective_scan_ref
 
 SHAPES = [(8, 512, 512, 16), (1, 2048, 1536, 16)]       # (b, l, d, n)
 REF_MAX_LEN = 512

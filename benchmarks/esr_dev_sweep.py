@@ -28,9 +28,9 @@ import qmamba
 from qmamba.eval import kld, tokenize_text_file
 from qmamba.methods.esr import ESRConfig
 from qmamba.quant.calibrate import calibration_ids
+from qmamba.utils.paths import DEV_TEXTS
 
-TEXTS = Path(qmamba.__file__).resolve().parent / "assets" / "text"
-DEV = {"drama-dev": TEXTS / "ood_drama_dev.txt", "tech-dev": TEXTS / "ood_tech_dev.txt"}
+DEV = {"drama-dev": DEV_TEXTS["ood-drama"], "tech-dev": DEV_TEXTS["ood-tech"]}
 
 
 def _setting(spec: str) -> dict:

@@ -19,16 +19,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qmamba.api import load  # noqa: E402
-from qmamba.eval.bench import _peak_rss  # noqa: E402
-from qmamba.models.lm import MambaLM, init_weights  # noqa: E402
-from qmamba.models.shapes import shape_config  # noqa: E402
-from qmamba.quant.calibrate import calibration_ids  # noqa: E402
-from qmamba.quantize import quantize  # noqa: E402
-from qmamba.utils.io import atomic_write_json  # noqa: E402
+from qmamba.api import load
+from qmamba.eval.timing import peak_rss
+from qmamba.models.lm import MambaLM, init_weights
+from qmamba.models.shapes import shape_config
+from qmamba.quant.calibrate import calibration_ids
+from qmamba.quantize import quantize
+from qmamba.utils.io import atomic_write_json
 
 
 def main(argv=None):
@@ -57,7 +54,7 @@ def main(argv=None):
     out = {"shape": args.shape, "config": args.config, "params": sum(p.numel() for p in MambaLM(cfg).parameters()),
            "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs, "threads": args.threads,
            "quantize_seconds": round(total, 1), "esr_seconds_per_block": round(sum(r["seconds"] for r in recs) / len(recs), 2),
-           "blocks": len(recs), "blocks_kept": sum(r["kept"] for r in recs), "peak_rss_mib": round(_peak_rss() / 2 ** 20, 1),
+           "blocks": len(recs), "blocks_kept": sum(r["kept"] for r in recs), "peak_rss_mib": round(peak_rss() / 2 ** 20, 1),
            "finite_logits": bool(torch.isfinite(logits).all()), "records": recs,
            "device": "cpu", "command": "python benchmarks/esr_real_shape.py " + " ".join(argv or sys.argv[1:])}
     atomic_write_json(args.json, out)

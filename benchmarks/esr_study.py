@@ -22,19 +22,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qmamba.api import load  # noqa: E402
-from qmamba.eval.perplexity import perplexity, tokenize_text_file  # noqa: E402
-from qmamba.methods.esr import ESRConfig, reconstruct  # noqa: E402
-from qmamba.quant.apply import install_quantizers, quantize_weights  # noqa: E402
-from qmamba.quant.calibrate import calibration_ids, run_calibration  # noqa: E402
-from qmamba.quant.sim import SIMS, StateSim  # noqa: E402
-from qmamba.methods import resolve_config  # noqa: E402
-from qmamba.utils.io import atomic_write_json  # noqa: E402
-
-TEST = ROOT / "qmamba" / "assets" / "text" / "test.txt"
+from qmamba.api import load
+from qmamba.eval.perplexity import perplexity, tokenize_text_file
+from qmamba.methods.esr import ESRConfig, reconstruct
+from qmamba.quant.apply import install_quantizers, quantize_weights
+from qmamba.quant.calibrate import calibration_ids, run_calibration
+from qmamba.quant.sim import SIMS, StateSim
+from qmamba.methods import resolve_config
+from qmamba.utils.io import atomic_write_json
+from qmamba.utils.paths import TEST_TEXT as TEST
 
 
 def calibrated(fp_model, qcfg, calib):

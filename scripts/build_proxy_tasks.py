@@ -52,10 +52,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from qmamba.utils.paths import TASKS_DIR, TEST_TEXT
+
 SEED = 1234
-DEFAULT_TEXT = REPO_ROOT / "qmamba" / "assets" / "text" / "test.txt"
-DEFAULT_OUT = REPO_ROOT / "qmamba" / "assets" / "tasks"
+DEFAULT_TEXT = TEST_TEXT
+DEFAULT_OUT = TASKS_DIR
 
 ABBREVIATIONS = {
     "Mr", "Mrs", "Ms", "Dr", "St", "Messrs", "Esq", "Capt", "Col", "Gen", "Adm", "Rev",

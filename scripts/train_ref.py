@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -29,14 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qmamba.models import MambaLM, ModelConfig, init_weights
+from qmamba.models.save import save_model
+from qmamba.utils.paths import TOKENIZER_DIR, VALIDATION_TEXT
 
-from qmamba.models import MambaLM, ModelConfig, init_weights  # noqa: E402
-from qmamba.models.save import save_model  # noqa: E402
-
-ASSETS = ROOT / "qmamba" / "assets"
-TOKENIZER_DIR = ASSETS / "tokenizer"
+ROOT = Path(__file__).resolve().parents[1]         # the repository: data/ holds the training split
 
 PRESETS = {
     # Mamba2: d_state 64, 8 heads of 64 channels
@@ -113,7 +109,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     train = torch.from_numpy(tokenize_file(ROOT / "data" / "train.txt", ROOT / "data" / "train_ids.npy"))
-    val = torch.from_numpy(tokenize_file(ASSETS / "text" / "validation.txt", ROOT / "data" / "val_ids.npy"))
+    val = torch.from_numpy(tokenize_file(VALIDATION_TEXT, ROOT / "data" / "val_ids.npy"))
     from tokenizers import Tokenizer
     vocab = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")).get_vocab_size()
 

@@ -37,6 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from qmamba.utils.paths import TEST_TEXT, TOKENIZER_DIR, VALIDATION_TEXT  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"
@@ -131,9 +133,9 @@ def check_transformers(folder: Path, sample: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=Path, default=REPO_ROOT / "data" / "train.txt")
-    ap.add_argument("--validation", type=Path, default=REPO_ROOT / "qmamba" / "assets" / "text" / "validation.txt")
-    ap.add_argument("--test", type=Path, default=REPO_ROOT / "qmamba" / "assets" / "text" / "test.txt")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "qmamba" / "assets" / "tokenizer")
+    ap.add_argument("--validation", type=Path, default=VALIDATION_TEXT)
+    ap.add_argument("--test", type=Path, default=TEST_TEXT)
+    ap.add_argument("--out", type=Path, default=TOKENIZER_DIR)
     ap.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB)
     ap.add_argument("--no-sweep", action="store_true", help="skip the 4096/8192/16384 comparison")
     args = ap.parse_args(argv)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -22,36 +21,9 @@ import time
 import torch
 
 from ..models.shapes import SHAPES
+from .timing import peak_rss, rss, timed
 
 FLOAT_VARIANTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None where there is none."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's, which
-    Linux carries over a fork + exec)."""
-    peak = _proc_status_bytes("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss() -> int:
-    """Current resident memory of this process (0 where /proc is absent)."""
-    return _proc_status_bytes("VmRSS") or 0
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -129,7 +101,7 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
 
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    runtime_rss = _rss()            # the interpreter, torch and qmamba before any model exists
+    runtime_rss = rss()             # the interpreter, torch and qmamba before any model exists
     t = time.time()
     model, source = build(model_name, variant, quant, method, device, folder)
     build_s = time.time() - t
@@ -140,18 +112,12 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
     prefill, decode = [], []
     for rep in range(reps + 1):                       # rep 0 is the warm-up (and compiles)
         cache = model.allocate_cache(batch)
-        _sync(device)
-        t = time.perf_counter()
-        logits = model(prompt, cache, logits_to_keep=1)[:, -1]
-        _sync(device)
-        t_prefill = time.perf_counter() - t
+        logits, t_prefill = timed(lambda: model(prompt, cache, logits_to_keep=1)[:, -1], device)
         tok = logits.argmax(-1)
         steps = []
         for _ in range(gen_len):
-            t = time.perf_counter()
-            tok = model.step(tok, cache).argmax(-1)
-            _sync(device)
-            steps.append(time.perf_counter() - t)
+            tok, t_step = timed(lambda: model.step(tok, cache).argmax(-1), device)
+            steps.append(t_step)
         if rep:
             prefill.append(t_prefill)
             decode.append(statistics.median(steps))
@@ -178,7 +144,7 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
     if device.type == "cuda":
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        out["peak_memory_bytes"] = _peak_rss()
+        out["peak_memory_bytes"] = peak_rss()
         out["runtime_rss_bytes"] = runtime_rss
     return out
 
@@ -188,13 +154,7 @@ def copy_bandwidth(device_name: str = "cpu", mib: int = 512, reps: int = 5) -> f
     device = torch.device(device_name)
     a = torch.empty(mib * 2 ** 20 // 4, dtype=torch.float32, device=device).fill_(1.0)
     b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
+    best = min(timed(lambda: b.copy_(a), device)[1] for _ in range(reps))
     return 2 * a.numel() * 4 / best / 1e9
 
 
