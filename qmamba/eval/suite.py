@@ -60,7 +60,7 @@ def memory_of(model: MambaLM, batch: int) -> dict:
     """Weights + state bytes at `batch` of the deployed form of `model` (float parts in FP16),
     estimated from the shapes of a meta-device copy with the same modules (quantization does not
     change shapes by calibration), not measured on the model itself, vs the FP16 model."""
-    from ..quant.checkpoint import quantize_structure
+    from ..methods.checkpoint import quantize_structure
 
     with torch.device("meta"):
         meta = MambaLM(model.config)

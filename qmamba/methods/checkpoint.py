@@ -23,7 +23,7 @@ def restore_hook(method: str) -> Optional[ckpt.Restore]:
 
 def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None) -> MambaLM:
     """`qmamba.quant.checkpoint.quantize_structure` with the named method's hook."""
-    return ckpt.quantize_structure(model, qcfg, method, qmeta, restore_hook(method))
+    return ckpt.quantize_structure(model, qcfg, method, qmeta, restore=restore_hook(method))
 
 
 def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.float32, device="cpu",

@@ -89,12 +89,13 @@ def save_quantized(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, fo
                       files={ct.MAIN_FILE: main, ct.EXTENSION_FILE: ext}, json_files={ct.INDEX_FILE: index})
 
 
-def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None,
-                       restore: Optional[Restore] = None) -> MambaLM:
+def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Optional[dict] = None, *,
+                       restore: Optional[Restore]) -> MambaLM:
     """The modules of a quantized model (quantizers, integer weights rounded from whatever
     weights `model` holds), without calibration: what loading rebuilds before assigning the
     saved tensors, and what the memory report measures (bytes do not depend on calibration).
-    `restore` is the method's hook (`qmamba.methods.checkpoint` looks it up by name)."""
+    `restore` is the method's hook, None for a method without one (`qmamba.methods.checkpoint`
+    looks it up by name)."""
     install_quantizers(model, qcfg)
     if restore is not None:
         restore(model, qcfg, qmeta or {})
@@ -135,7 +136,7 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
         # when it differed from d_inner: such a folder was calibrated with the whole-width norm
         cfg = dataclasses.replace(cfg, norm_group_size=cfg.d_inner)
     with torch.device("meta"):
-        model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method, qc, restore)
+        model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method, qc, restore=restore)
     if qc is not outer:
         if extension is None:
             extension = _read_extension(folder, qc)
