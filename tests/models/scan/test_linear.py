@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scan_checks import LENGTHS, assert_close, grads, probe
 
 from qmamba.models.scan.linear import linear_scan, linear_scan_ref
+
+from .scan_checks import LENGTHS, assert_close, grads, probe
 
 
 @pytest.mark.parametrize("length", LENGTHS)

@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
-from scan_checks import LENGTHS, assert_close, grads, probe
 
 from qmamba.models.scan.linear import linear_scan_ref
 from qmamba.models.scan.mamba1 import (
     _Mamba1EndStates, _mamba1_scan, chunk_end_states, selective_chunk_len, selective_scan,
 )
 from qmamba.models.scan.reference import selective_scan_ref
+
+from .scan_checks import LENGTHS, assert_close, grads, probe
 
 
 def mamba1_inputs(b, length, d, n, with_h0, dtype=torch.float32, seed=0):

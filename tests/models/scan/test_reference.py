@@ -4,9 +4,10 @@ and with the recurrence written out by hand; `per_channel` broadcasts groups to 
 from __future__ import annotations
 
 import torch
-from scan_checks import assert_close
 
 from qmamba.models.scan.reference import per_channel, selective_scan_ref, ssm_step
+
+from .scan_checks import assert_close
 
 
 def test_per_channel_repeats_each_group_over_its_channels():

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scan_checks import assert_close, grads, probe
 
 from qmamba.models.scan.reference import selective_scan_ref
 from qmamba.models.scan.ssd import ssd_scan
+
+from .scan_checks import assert_close, grads, probe
 
 
 @pytest.mark.parametrize("length, chunk, groups, with_h0", [
