@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from qmamba.utils import paths
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-ASSETS = ROOT / "qmamba" / "assets"
+ASSETS = paths.ASSETS_DIR
 
 
 def _load(name: str):

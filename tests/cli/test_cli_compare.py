@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,9 @@ from qmamba.cli.compare import ROWS
 from qmamba.eval import perplexity, tokenize_text_file
 from qmamba.eval.memory import cast_float_weights, memory_report
 from qmamba.quant.calibrate import calibration_ids
+from qmamba.utils import paths
 
-TEST_TEXT = Path(__file__).resolve().parents[2] / "qmamba" / "assets" / "text" / "test.txt"
+TEST_TEXT = paths.TEST_TEXT
 
 SMALL = ["--max-tokens", "256", "--text-max-tokens", "256", "--seqlen", "64", "--limit", "4", "--nsamples", "4",
          "--calib-seqlen", "64",

@@ -19,6 +19,7 @@ from qmamba.eval import perplexity, tokenize_text_file
 from qmamba.generate import generate
 from qmamba.models import MambaLM
 from qmamba.models.config import from_hf_dict
+from qmamba.utils import paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "sample.txt"
-    text = (ROOT / "qmamba" / "assets" / "text" / "test.txt").read_text(encoding="utf-8")
+    text = paths.TEST_TEXT.read_text(encoding="utf-8")
     path.write_text(text[:3000], encoding="utf-8")
     return path
 

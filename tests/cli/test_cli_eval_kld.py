@@ -14,6 +14,7 @@ from qmamba.eval import tokenize_text_file
 from qmamba.eval.kld import evaluate_against, fp_reference
 from qmamba.eval.perplexity import perplexity
 from qmamba.quant.checkpoint import save_quantized
+from qmamba.utils import paths
 
 ROOT = Path(__file__).resolve().parents[2]
 QUANT = ["--quant", "w8a8h4", "--method", "dsq", "--nsamples", "4", "--calib-seqlen", "64"]
@@ -22,7 +23,7 @@ QUANT = ["--quant", "w8a8h4", "--method", "dsq", "--nsamples", "4", "--calib-seq
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "sample.txt"
-    text = (ROOT / "qmamba" / "assets" / "text" / "ood_drama_test.txt").read_text(encoding="utf-8")
+    text = paths.HELDOUT_TEXTS["ood-drama"].read_text(encoding="utf-8")
     path.write_text(text[:4000], encoding="utf-8")
     return path
 

@@ -14,9 +14,10 @@ import torch
 import qmamba
 from qmamba.cli import main
 from qmamba.eval import perplexity, tokenize_text_file
+from qmamba.utils import paths
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = ROOT / "qmamba" / "assets" / "text" / "validation.txt"
+TEXT = paths.VALIDATION_TEXT
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,10 @@ from torch import nn
 import qmamba
 from qmamba.errors import QMambaError
 from qmamba.eval import perplexity, tokenize_text_file, windows
+from qmamba.utils import paths
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_TEXT = ROOT / "qmamba" / "assets" / "text" / "test.txt"
+TEST_TEXT = paths.TEST_TEXT
 
 
 @pytest.fixture(scope="module")

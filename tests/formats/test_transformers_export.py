@@ -14,6 +14,7 @@ from qmamba.eval.perplexity import perplexity, tokenize_text_file
 from qmamba.formats.compressed_tensors import transformers_view
 from qmamba.quant.checkpoint import save_quantized
 from qmamba.quantize import quantize
+from qmamba.utils import paths
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (pip install "
@@ -22,8 +23,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip(f"transformers {transformers.__version__}: the export is verified with transformers 5.x "
                 "(4.x's compressed-tensors integration is not)", allow_module_level=True)
 
-TEST_TEXT = qmamba.__path__[0] + "/assets/text/test.txt"
-REF_MAMBA2 = qmamba.__path__[0] + "/assets/models/ref-mamba2"
+TEST_TEXT = paths.TEST_TEXT
+REF_MAMBA2 = paths.MODELS_DIR / "ref-mamba2"
 SEQLEN, TOKENS = 128, 2048
 
 
