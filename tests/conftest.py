@@ -27,7 +27,6 @@ from qmamba.utils import paths  # noqa: E402
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = paths.TOKENIZER_DIR
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_VOCAB = 8192

@@ -16,7 +16,6 @@ from qmamba.eval.perplexity import perplexity
 from qmamba.quant.checkpoint import save_quantized
 from qmamba.utils import paths
 
-ROOT = Path(__file__).resolve().parents[2]
 QUANT = ["--quant", "w8a8h4", "--method", "dsq", "--nsamples", "4", "--calib-seqlen", "64"]
 
 

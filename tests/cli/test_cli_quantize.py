@@ -16,7 +16,6 @@ from qmamba.cli import main
 from qmamba.eval import perplexity, tokenize_text_file
 from qmamba.utils import paths
 
-ROOT = Path(__file__).resolve().parents[2]
 TEXT = paths.VALIDATION_TEXT
 
 

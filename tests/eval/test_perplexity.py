@@ -15,7 +15,6 @@ from qmamba.errors import QMambaError
 from qmamba.eval import perplexity, tokenize_text_file, windows
 from qmamba.utils import paths
 
-ROOT = Path(__file__).resolve().parents[2]
 TEST_TEXT = paths.TEST_TEXT
 
 
