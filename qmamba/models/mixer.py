@@ -124,6 +124,8 @@ class MixerBase(nn.Module):
     def decode_constants(self) -> tuple[Tensor, Tensor]:
         """A and D in the per-channel form of the token step ((d, n) or (d, 1), and (d,)),
         recomputed only when A_log or D change (a decode step would redo it for every token)."""
+        if torch.is_inference(self.A_log) or torch.is_inference(self.D):
+            return self.channel_A_D()       # inference tensors keep no version counter to key a cache on
         key = (self.A_log._version, self.A_log.data_ptr(), self.D._version, self.D.data_ptr())
         if self.__dict__.get("_decode_key") != key:
             with torch.no_grad():

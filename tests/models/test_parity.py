@@ -254,6 +254,19 @@ def test_decode_constants_follow_the_parameters(case):
     assert logit_errors(model(ids[:, :3]), torch.stack(step, 1))[1] <= REL_TOL
 
 
+def test_inference_mode_model(case):
+    """A model loaded under torch.inference_mode (its parameters inference tensors, which keep no
+    version counter) decodes, and every path equals the same model's outside inference mode."""
+    _, _, folder, ids, _, _ = case
+    expected = all_paths(qmamba.load(folder).model, ids)
+    with torch.inference_mode():
+        model = qmamba.load(folder).model
+        assert torch.is_inference(model.backbone.layers[0].mixer.A_log)
+        got = all_paths(model, ids)
+    for path, out in expected.items():
+        assert torch.equal(got[path], out), path
+
+
 def test_mamba_ssm_folder(case, parity_log, tmp_path):
     name, hf, folder, ids, ref, tol = case
     if hf.config.model_type == "falcon_mamba":
