@@ -50,7 +50,7 @@ def main(argv=None):
     total = time.time() - t
     with torch.no_grad():
         logits = model(calib[:2, :64])
-    recs = model.esr_records
+    recs = model.quant_state.records
     out = {"shape": args.shape, "config": args.config, "params": sum(p.numel() for p in MambaLM(cfg).parameters()),
            "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs, "threads": args.threads,
            "quantize_seconds": round(total, 1), "esr_seconds_per_block": round(sum(r["seconds"] for r in recs) / len(recs), 2),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -11,6 +10,7 @@ import torch
 
 from .errors import QMambaError
 from .methods import get_method, resolve_config
+from .models.lm import QuantState
 from .quant.apply import is_quantized
 from .quant.calibrate import calibration_ids
 from .quant.config import QuantConfig
@@ -25,6 +25,10 @@ def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, meth
     config: 'w8a8h4'-style string or a QuantConfig; `config_options` set its fields
         (e.g. state_quant='channel', state_scale='static', a_dynamic=True).
     calib: None (the shipped validation text), a text file path, or token ids (N, L).
+    method_options: the method's options by name (the fields of its options dataclass, e.g.
+        `qmamba.methods.esr.ESRConfig`'s for "qmamba").
+    The model's `quant_state` records the config, the method, the time and any reconstruction
+    records.
     """
     if hasattr(model, "model") and hasattr(model, "tokenizer"):
         tokenizer = tokenizer or model.tokenizer
@@ -38,21 +42,12 @@ def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, meth
             raise QMambaError("calibration ids must be a (nsamples, seqlen) tensor")
     else:
         ids = calibration_ids(tokenizer, Path(calib) if calib is not None else None, nsamples, seqlen, seed)
-    fn = get_method(method).fn
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    unknown = set() if takes_any else set(method_options or {}) - set(params)
-    if takes_any:
-        from .methods.esr import ESRConfig
-        unknown = set(method_options or {}) - set(params) - set(ESRConfig.__dataclass_fields__)
-    if unknown:
-        raise QMambaError(f"method {method} has no option(s) {', '.join(sorted(unknown))}")
+    m = get_method(method)
+    opts = m.make_options(method_options)
     t0 = time.time()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        fn(model, qcfg, ids, progress=progress, **(method_options or {}))
-    model.quant_config = qcfg
-    model.quant_method = method
-    model.quant_seconds = time.time() - t0
+        records = m.run(model, qcfg, ids, opts, progress=progress)
+    model.quant_state = QuantState(qcfg, method, seconds=time.time() - t0, records=records)
     model.eval()
     return model

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 from pathlib import Path
 
 from ..api import DEFAULT_MODEL, DTYPES, load
@@ -61,42 +59,77 @@ def add_quant_args(p: argparse.ArgumentParser, config_flag: str = "--quant", def
     g.add_argument("--a-dynamic", action="store_true", help="dynamic per-token activation scales (default static per-tensor)")
     g.add_argument("--w-group-size", type=int, default=0, metavar="G", help="weight groups along the input dim (default per channel)")
     g.add_argument("--quantize-head", action="store_true", help="also quantize embedding and lm_head")
-    add_esr_args(p)
+    add_method_option_args(p)
 
 
-# ESR flag -> ESRConfig field (method qmamba only)
-ESR_FLAGS = {"esr_sim": "sim", "esr_epochs": "epochs", "esr_lr": "lr", "esr_nsamples": "nsamples",
-             "esr_seqlen": "seqlen", "esr_batch_size": "batch_size", "esr_dt_bias": "learn_dt_bias",
-             "esr_resume": "resume_dir"}
+def method_option_classes() -> list[tuple[type, list[str]]]:
+    """(options dataclass, the methods that take it) for every method with options."""
+    from ..methods import available, get_method
+    from ..methods.registry import option_fields
+
+    classes: dict[type, list[str]] = {}
+    for name in available():
+        classes.setdefault(get_method(name).options, []).append(name)
+    return [(cls, names) for cls, names in classes.items() if option_fields(cls)]
 
 
-def add_esr_args(p: argparse.ArgumentParser, rows: bool = False) -> None:
-    """The --esr-* flags; `rows`: for compare, where they apply to every row that runs ESR."""
-    from ..methods.esr import ESRConfig
-    from ..quant.sim import SIMS
+def add_method_option_args(p: argparse.ArgumentParser, rows: bool = False) -> None:
+    """A flag --<prefix>-<field> for every field of every method's options dataclass (e.g.
+    --esr-epochs); `rows`: for compare, where they apply to every row whose method takes them."""
+    from ..methods.registry import option_fields
 
-    d = ESRConfig()
-    g = p.add_argument_group("ESR reconstruction (" + ("the rows that run ESR" if rows else "--method qmamba") + ")")
-    g.add_argument("--esr-sim", choices=list(SIMS), help=f"quantized-state simulation while training (default {d.sim})")
-    g.add_argument("--esr-epochs", type=int, metavar="E", help=f"epochs per block (default {d.epochs})")
-    g.add_argument("--esr-lr", type=float, metavar="LR", help=f"AdamW learning rate (default {d.lr})")
-    g.add_argument("--esr-nsamples", type=int, metavar="N",
-                   help=f"calibration sequences used by ESR (default {d.nsamples})")
-    g.add_argument("--esr-seqlen", type=int, metavar="L", help=f"tokens per ESR sequence (default {d.seqlen})")
-    g.add_argument("--esr-batch-size", type=int, metavar="B", help=f"ESR batch size (default {d.batch_size})")
-    g.add_argument("--esr-dt-bias", action="store_true", default=None, help="also learn the dt bias")
-    if not rows:
-        g.add_argument("--esr-resume", type=Path, metavar="DIR",
-                       help="save each finished block here and resume an interrupted run from it")
+    for cls, names in method_option_classes():
+        fields = [f for f in option_fields(cls) if f.per_row or not rows]
+        g = p.add_argument_group(f"{cls.cli_title} options (" + (
+            "the rows that run it" if rows else f"--method {', '.join(names)}") + ")")
+        for f in fields:
+            kw: dict = dict(dest=f.dest, default=None, help=f.help)
+            if f.type is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = f.type
+                if f.choices:
+                    kw["choices"] = list(f.choices)
+                if f.metavar:
+                    kw["metavar"] = f.metavar
+            g.add_argument(f.flag, **kw)
 
 
-def esr_options(args) -> dict:
-    """ESRConfig options from the --esr-* flags that were given; an error if the method has no ESR."""
-    opts = {field: getattr(args, flag) for flag, field in ESR_FLAGS.items() if getattr(args, flag, None) is not None}
-    if opts and args.method != "qmamba":
-        given = ", ".join("--" + f.replace("_", "-") for f in ESR_FLAGS if getattr(args, f, None) is not None)
-        raise QMambaError(f"{given} only apply to --method qmamba (ESR), not {args.method}")
-    return opts
+def given_method_options(args) -> dict[type, dict]:
+    """{options dataclass: {field: value}} of the method option flags given."""
+    from ..methods.registry import option_fields
+
+    out: dict[type, dict] = {}
+    for cls, _ in method_option_classes():
+        opts = {f.name: getattr(args, f.dest) for f in option_fields(cls) if getattr(args, f.dest, None) is not None}
+        if opts:
+            out[cls] = opts
+    return out
+
+
+def method_options(args) -> dict:
+    """The options of --method from the flags given; an error for flags of another method."""
+    from ..methods import get_method
+    from ..methods.registry import option_fields
+
+    own = get_method(args.method).options
+    given = given_method_options(args)
+    errors = []
+    for cls, names in method_option_classes():
+        if cls in given and cls is not own:
+            flags = ", ".join(f.flag for f in option_fields(cls) if f.name in given[cls])
+            errors.append(f"{flags} only apply to --method {', '.join(names)} ({cls.cli_title}), not {args.method}")
+    if errors:
+        raise QMambaError("; ".join(errors))
+    return given.get(own, {})
+
+
+def option_flag(options: type):
+    """field name -> its flag, for an options dataclass's messages."""
+    from ..methods.registry import option_fields
+
+    flags = {f.name: f.flag for f in option_fields(options)}
+    return lambda name: flags[name]
 
 
 def quant_options(args) -> dict:
@@ -118,51 +151,29 @@ def check_calibration_size(nsamples: int, seqlen: int, flags: str = "--nsamples 
 
 
 def check_quant_args(args) -> None:
+    from ..methods import get_method
     from ..quant.config import QuantConfig
 
     if args.nsamples < 1 or args.calib_seqlen < 2:
         raise QMambaError("--nsamples must be >= 1 and --calib-seqlen >= 2")
     QuantConfig.parse(args.quant, **quant_options(args))            # fail fast on a bad config
-    from ..methods.esr import ESRConfig
-
-    ESRConfig(**{k: v for k, v in esr_options(args).items() if k != "resume_dir"})
-    lr = getattr(args, "esr_lr", None)
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise QMambaError(f"--esr-lr must be a positive number, got {lr}")
-    # ESR trains on the first N calibration sequences, their first L tokens: no more exist
-    if getattr(args, "esr_nsamples", None) is not None and args.esr_nsamples > args.nsamples:
-        raise QMambaError(f"--esr-nsamples {args.esr_nsamples:,} is more than the --nsamples {args.nsamples:,} "
-                          "calibration sequences ESR takes them from")
-    if getattr(args, "esr_seqlen", None) is not None and args.esr_seqlen > args.calib_seqlen:
-        raise QMambaError(f"--esr-seqlen {args.esr_seqlen:,} is longer than the --calib-seqlen "
-                          f"{args.calib_seqlen:,} calibration sequences ESR takes them from")
+    given = method_options(args)
+    opts = get_method(args.method).make_options(given)
+    if hasattr(opts, "check_run"):            # options checked against the calibration set, --out
+        opts.check_run(option_flag(type(opts)), set(given), args.nsamples, args.calib_seqlen,
+                       getattr(args, "out", None))
     check_calibration_size(args.nsamples, args.calib_seqlen)
-    if getattr(args, "esr_resume", None) is not None:
-        from ..utils.io import check_output
-
-        check_output(args.esr_resume, "--esr-resume", folder=True, force=True)
-        resume = Path(args.esr_resume)
-        if resume.is_dir() and any(resume.iterdir()) and not (resume / "progress.json").is_file():
-            raise QMambaError(f"--esr-resume {resume} is neither empty nor an ESR resume folder (no progress.json); "
-                              "give a new or empty folder")
-        out = getattr(args, "out", None)
-        if out is not None and Path(os.path.abspath(out)) in (p := Path(os.path.abspath(resume)), *p.parents):
-            raise QMambaError(f"--esr-resume {resume} must be outside --out {out}, which is replaced when saving")
 
 
-def check_esr_size(args, cfg) -> None:
-    """ESR keeps four (N, L, d_model) float32 activation sets (float and quantized inputs and
-    outputs of the block it trains): they must fit in memory, before calibration starts."""
-    if args.method != "qmamba":
-        return
-    from ..methods.esr import ESRConfig
+def check_method_memory(args, cfg) -> None:
+    """The working memory a method's options ask for (ESR's activation sets) must fit, before
+    calibration starts."""
+    from ..methods import get_method
     from ..models.budget import check_bytes
 
-    d = ESRConfig()
-    n = min(args.esr_nsamples or d.nsamples, args.nsamples)
-    L = min(args.esr_seqlen or d.seqlen, args.calib_seqlen)
-    check_bytes(4 * n * L * cfg.d_model * 4,
-                f"ESR on {n:,} sequences x {L:,} tokens x d_model {cfg.d_model:,} (--esr-nsamples, --esr-seqlen)")
+    opts = get_method(args.method).make_options(method_options(args))
+    if hasattr(opts, "work_bytes"):
+        check_bytes(*opts.work_bytes(cfg.d_model, args.nsamples, args.calib_seqlen))
 
 
 def load_model(args, quantize_in_memory: bool = True, before_quantize=None):
@@ -174,22 +185,22 @@ def load_model(args, quantize_in_memory: bool = True, before_quantize=None):
     if quantize_in_memory and getattr(args, "quant", None):
         from ..quantize import quantize
 
-        if getattr(loaded.model, "quant_config", None) is not None:
+        if loaded.model.quant_state is not None:
             raise QMambaError(f"{args.model} is already quantized; --quant applies to float models")
-        check_esr_size(args, loaded.model.config)
+        check_method_memory(args, loaded.model.config)
         if before_quantize is not None:
             before_quantize(loaded)
         quantize(loaded, args.quant, calib=args.calib, method=args.method, nsamples=args.nsamples,
-                 seqlen=args.calib_seqlen, seed=args.quant_seed, method_options=esr_options(args),
+                 seqlen=args.calib_seqlen, seed=args.quant_seed, method_options=method_options(args),
                  **quant_options(args))
         log.info("quantized in memory: %s %s in %.1f s", args.method, loaded.model.quant_config.name,
-                 loaded.model.quant_seconds)
+                 loaded.model.quant_state.seconds)
     return loaded
 
 
 def describe(loaded) -> str:
     m = loaded.model
-    q = getattr(m, "quant_config", None)
+    q = m.quant_config
     if q is None:
         return f"{loaded.name}: {m.config.arch}, {m.num_parameters() / 1e6:.2f} M parameters, float"
     return f"{loaded.name}: {m.config.arch}, {m.quant_method} {q.name} (state {q.state_quant}, {q.state_scale} scales)"

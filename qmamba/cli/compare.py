@@ -23,7 +23,7 @@ import torch
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json, check_output
 from ..utils.paths import HELDOUT_TEXTS, TEST_TEXT
-from .common import ESR_FLAGS, add_esr_args, add_model_args, check_calibration_size
+from .common import add_method_option_args, add_model_args, check_calibration_size, given_method_options
 
 log = logging.getLogger("qmamba")
 
@@ -86,7 +86,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="OUT", help="write all results as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE",
                    help="write a PNG: perplexity vs memory, and KL divergence per text, per method")
-    add_esr_args(p, rows=True)
+    add_method_option_args(p, rows=True)
     p.set_defaults(func=run)
     return p
 
@@ -156,12 +156,19 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         plt.close(fig)
 
 
-def _esr_options(args, names: list[str]) -> dict:
-    """ESRConfig options from the --esr-* flags, for every row that runs ESR."""
-    opts = {field: getattr(args, flag) for flag, field in ESR_FLAGS.items() if getattr(args, flag, None) is not None}
-    if opts and not any(ROWS[n][0] == "qmamba" for n in names):
-        raise QMambaError("--esr-* flags need a row with ESR in --methods (qmamba, esr-tensor, qmamba-*)")
-    return opts
+def _row_options(args, names: list[str]) -> dict[type, dict]:
+    """{options dataclass: options} from the method option flags (--esr-*, ...), for every row
+    whose method takes that options dataclass; an error if no row in --methods does."""
+    from ..methods import get_method
+
+    given = given_method_options(args)
+    takes = {cls: [n for n in ROWS if ROWS[n][0] != "fp" and get_method(ROWS[n][0]).options is cls]
+             for cls in given}
+    for cls, rows in takes.items():
+        if not any(n in rows for n in names):
+            raise QMambaError(f"--{cls.cli_prefix}-* flags need a row with {cls.cli_title} in --methods "
+                              f"({', '.join(rows)})")
+    return given
 
 
 def run(args) -> int:
@@ -169,12 +176,13 @@ def run(args) -> int:
     from ..api import load
     from ..eval.perplexity import tokenize_text_file
     from ..eval.suite import EvalSetup, Row, distance_markdown, float_config, markdown, run_row
+    from ..methods import get_method
     from ..quant.calibrate import calibration_ids
     from ..quant.config import QuantConfig
     from ..quantize import quantize
 
     names = _rows(args)
-    esr = _esr_options(args, names)
+    given = _row_options(args, names)
     configs = [QuantConfig.parse(c).name for c in args.config or ["w8a8h4"]]    # canonical: W8A8H4
     if args.seqlen < 2 or args.nsamples < 1 or args.limit < 0 or args.max_tokens < 0 or args.state_group_size < 1:
         raise QMambaError("--seqlen must be >= 2, --nsamples and --state-group-size >= 1, --limit and --max-tokens >= 0")
@@ -187,7 +195,7 @@ def run(args) -> int:
         raise QMambaError(f"--text-max-tokens must be at least 2, got {args.text_max_tokens}")
     t0 = time.time()
     loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
-    if getattr(loaded.model, "quant_config", None) is not None:
+    if loaded.model.quant_state is not None:
         raise QMambaError("compare needs a float model; this one is already quantized")
     if loaded.tokenizer is None:
         raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")
@@ -206,8 +214,9 @@ def run(args) -> int:
         else:
             if opts.get("state_quant") == "group":
                 opts = {**opts, "state_group_size": args.state_group_size}
-            if method == "qmamba" and esr:
-                opts = {**opts, "method_options": {**opts.get("method_options", {}), **esr}}
+            extra = given.get(get_method(method).options)
+            if extra:
+                opts = {**opts, "method_options": {**opts.get("method_options", {}), **extra}}
             rows.extend(Row(method, c, {**opts, "seed": args.seed}, label=name) for c in configs)
     results = []
     for row in rows:

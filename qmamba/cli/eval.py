@@ -108,7 +108,7 @@ def _reference_of(args, loaded, ids):
     from ..eval.kld import fp_reference
 
     other = load(args.reference, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
-    if getattr(other.model, "quant_config", None) is not None:
+    if other.model.quant_state is not None:
         raise QMambaError(f"--reference {args.reference} is a quantized model; give the float one")
     if other.model.config.vocab_size != loaded.model.config.vocab_size:
         raise QMambaError(f"--reference {args.reference} has a vocabulary of {other.model.config.vocab_size:,}, "
@@ -149,7 +149,7 @@ def run(args) -> int:
         "qmamba_version": __version__, "torch_version": torch.__version__,
         "python_version": platform.python_version(), "load_seconds": round(time.perf_counter() - t0, 3),
     }
-    q = getattr(loaded.model, "quant_config", None)
+    q = loaded.model.quant_config
     if q is not None:
         result["quantization"] = {"method": loaded.model.quant_method, **q.to_dict()}
     print(f"{describe(loaded)}; {args.dtype} on {args.device}")

@@ -53,7 +53,7 @@ def run(args) -> int:
         raise QMambaError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_calibration_size(args.nsamples, args.seqlen, "--nsamples x --seqlen")
     loaded = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
-    if getattr(loaded.model, "quant_config", None) is not None:
+    if loaded.model.quant_state is not None:
         raise QMambaError("inspect analyses float models; this model is already quantized")
     if layers is not None:
         parse_layers(args.layers, loaded.model.config.n_layer)

@@ -48,10 +48,9 @@ def _mib(b: int) -> str:
 
 def run(args) -> int:
     from ..eval.memory import cast_float_weights, memory_report
-    from ..models.lm import MambaLM
     from ..models.shapes import shape_config
     from ..methods import resolve_config
-    from ..methods.checkpoint import quantize_structure
+    from ..methods.checkpoint import build_structure, quantize_structure
 
     batches = positive_ints(args.batch, "--batch")
     if args.json is not None:
@@ -62,17 +61,14 @@ def run(args) -> int:
                                       w_group_size=args.w_group_size, quantize_head=args.quantize_head).items() if v}
         qcfg = resolve_config(args.quant, args.method, **opts)
     if args.model in SHAPES:
-        with torch.device("meta"):
-            model = MambaLM(shape_config(args.model))
-            if qcfg is not None:
-                quantize_structure(model, qcfg, args.method)
+        model = build_structure(shape_config(args.model), qcfg, args.method)
         source = f"{args.model} shapes (meta device: bytes of the tensors it would allocate)"
     else:
         from ..api import load
 
         model = load(args.model, device=args.device, tokenizer=args.tokenizer).model
         if qcfg is not None:
-            if getattr(model, "quant_config", None) is not None:
+            if model.quant_state is not None:
                 raise QMambaError(f"{args.model} is already quantized; drop --quant")
             quantize_structure(model, qcfg, args.method)
         source = args.model
@@ -84,7 +80,7 @@ def run(args) -> int:
         b = max(batches)
         check_bytes(b * sum(state_bytes(model, 1).values()),
                     f"--batch {b:,}: the conv and SSM state of {b:,} sequences")
-    q = getattr(model, "quant_config", None)
+    q = model.quant_config
     report = {"model": args.model, "source": source, "float_dtype": args.dtype,
               "quantization": None if q is None else {"method": model.quant_method, **q.to_dict()},
               **memory_report(model, batches)}

@@ -34,7 +34,7 @@ def run(args) -> int:
     tok_dir = args.tokenizer if args.tokenizer is not None and args.tokenizer.is_dir() else loaded.path
     save_quantized(loaded.model, args.out, tokenizer_dir=tok_dir, force=args.force)   # write errors: one line
     print(describe(loaded))
-    print(f"quantized in {loaded.model.quant_seconds:.1f} s; saved to {args.out}")
+    print(f"quantized in {loaded.model.quant_state.seconds:.1f} s; saved to {args.out}")
     qc = json.loads((args.out / "config.json").read_text())["quantization_config"]
     qc = qc.get("qmamba", qc)            # compressed-tensors layout: qmamba's fields nested
     print(json.dumps({k: qc[k] for k in ("config", "method", "state_quant", "state_scale", "format_version")}))

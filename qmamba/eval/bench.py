@@ -55,20 +55,17 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
     `qmamba.models.shapes`, or else the model in `folder` (what `qmamba.api.resolve_model_path`
     made of the name)."""
     from ..methods import resolve_config
-    from ..methods.checkpoint import quantize_structure
-    from ..models.lm import MambaLM
+    from ..methods.checkpoint import build_structure, quantize_structure
     from ..models.shapes import shape_config
 
     quantized = variant.startswith("quant")
     dtype = FLOAT_VARIANTS.get(variant, torch.float32)
     if model_name in SHAPES:
         cfg = shape_config(model_name)
-        with torch.device("meta"):
-            model = MambaLM(cfg)
-            if quantized:
-                quantize_structure(model, resolve_config(quant, method, quantize_head=True), method)
-            else:
-                model = model.to(dtype)        # allocated in its dtype: no float32 copy first
+        if quantized:
+            model = build_structure(cfg, resolve_config(quant, method, quantize_head=True), method)
+        else:                                  # allocated in its dtype: no float32 copy first
+            model = build_structure(cfg, dtype=dtype)
         model = model.to_empty(device="cpu")
         if model.config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):
             model.lm_head.weight = model.backbone.embeddings.weight
@@ -79,7 +76,7 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
         from ..models.load import load_folder
 
         model = load_folder(folder, load_quantized=load_quantized)[0]
-        if quantized and getattr(model, "quant_config", None) is None:
+        if quantized and model.quant_state is None:
             quantize_structure(model, resolve_config(quant, method, quantize_head=True), method)
         source = model_name
     if quantized:

@@ -54,11 +54,12 @@ def state_bytes(model: MambaLM, batch: int, device=None) -> dict:
 
 
 def fp16_state_bytes(model: MambaLM, batch: int) -> dict:
-    """The FP16 reference cache: the same shapes, every state tensor in float16."""
-    cfg = model.config
-    d, n = cfg.d_inner, cfg.d_state
-    return {"conv": batch * cfg.conv_dim * (cfg.d_conv - 1) * 2 * cfg.n_layer,
-            "ssm": batch * d * n * 2 * cfg.n_layer}
+    """The FP16 reference cache: the shapes every layer declares for its states, in float16."""
+    out = {"conv": 0, "ssm": 0}
+    for mixer in model.mixers():
+        for spec in mixer.states():
+            out[spec.kind] = out.get(spec.kind, 0) + batch * spec.numel * 2
+    return out
 
 
 @torch.no_grad()

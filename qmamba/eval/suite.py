@@ -60,13 +60,9 @@ def memory_of(model: MambaLM, batch: int) -> dict:
     """Weights + state bytes at `batch` of the deployed form of `model` (float parts in FP16),
     estimated from the shapes of a meta-device copy with the same modules (quantization does not
     change shapes by calibration), not measured on the model itself, vs the FP16 model."""
-    from ..methods.checkpoint import quantize_structure
+    from ..methods.checkpoint import build_structure
 
-    with torch.device("meta"):
-        meta = MambaLM(model.config)
-        q = getattr(model, "quant_config", None)
-        if q is not None:
-            quantize_structure(meta, q, model.quant_method)
+    meta = build_structure(model.config, model.quant_config, model.quant_method)
     cast_float_weights(meta, torch.float16)
     rep = memory_report(meta, (batch,))
     b = rep["batches"][str(batch)]
@@ -130,13 +126,13 @@ def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup, quantize: 
         method_options = opts.pop("method_options", None)
         quantize(model, row.config, calib=setup.calib_ids, method=row.method, progress=setup.progress,
                  method_options=method_options, **opts)
-        res["quant_seconds"] = round(model.quant_seconds, 1)
+        res["quant_seconds"] = round(model.quant_state.seconds, 1)
         q = model.quant_config
         res["state_quant"], res["state_scale"] = (q.state_quant, q.state_scale) if q.h_bits else (None, None)
         if q.h_bits and q.state_quant == "group":
             res["state_quant"] = f"group{q.state_group_size}"
-        if hasattr(model, "esr_records"):
-            res["esr"] = model.esr_records
+        if model.quant_state.records is not None:
+            res["esr"] = model.quant_state.records
     res.update(evaluate(model, tokenizer, setup, fp_model))
     res["memory"] = memory_of(model, setup.memory_batch)
     return res

@@ -1,8 +1,10 @@
-"""Quantization methods: a registry of name -> function(model, qcfg, calib, **options).
+"""Quantization methods: a registry of name -> `Method` (`qmamba.methods.registry`).
 
 Every method quantizes a float `MambaLM` in place for a `QuantConfig` (WxAyHz), using the
-calibration token ids `calib` (N, L). A method also names its default state quantizer, which
-fills the config's state_quant / state_scale when the user leaves them unset.
+calibration token ids `calib` (N, L), through one lifecycle (transform -> install quantizers ->
+calibrate -> reconstruct -> round) whose steps it overrides, with its options as a dataclass.
+A method also names its default state quantizer, which fills the config's state_quant /
+state_scale when the user leaves them unset.
 """
 
 from __future__ import annotations

@@ -26,6 +26,15 @@ def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Op
     return ckpt.quantize_structure(model, qcfg, method, qmeta, restore=restore_hook(method))
 
 
+def build_structure(cfg, qcfg: Optional[QuantConfig] = None, method: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None) -> MambaLM:
+    """`qmamba.quant.checkpoint.build_structure` with the named method's hook: a model of `cfg` on
+    the meta device, quantized by `method` for `qcfg` when given (what the memory report, the
+    benchmarks and `compare`'s memory estimate measure)."""
+    return ckpt.build_structure(cfg, qcfg, method, None, dtype,
+                                restore=restore_hook(method) if qcfg is not None else None)
+
+
 def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.float32, device="cpu",
                     folder: Optional[Path] = None, extension: Optional[dict] = None) -> MambaLM:
     """`qmamba.quant.checkpoint.build_quantized` with the registry's hooks."""

@@ -23,9 +23,9 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import QMambaError
+from ..models.layer_spec import get_path, quantizable_linears
 from ..quant.activation import ActQuantizer
-from ..quant.apply import LINEARS
 from ..quant.linear import QLinear
 from ..quant.sim import SIMS, StateSim
 from ..quant.state import StateQuantizer
@@ -44,19 +44,28 @@ log = logging.getLogger("qmamba.esr")
 
 @dataclass
 class ESRConfig:
-    sim: str = "exact"            # one of qmamba.quant.sim.SIMS; chosen on the dev texts by benchmarks/esr_dev_sweep.py
-    epochs: int = 4
-    batch_size: int = 4
-    nsamples: int = 64            # calibration sequences used (the first N of the calibration set)
-    seqlen: int = 256             # tokens per sequence (the first L tokens of each)
-    lr: float = 2e-2              # relative learning rate of scales and clip factors
-    learn_weights: bool = True    # weight clipping factors
-    learn_acts: bool = True       # static activation scales
-    learn_state: bool = True      # s_n and static state scales
-    learn_dt_bias: bool = False
-    chunk: int = 32               # chunk length of the "chunk" simulation
-    seed: int = 0
-    device: Optional[str] = None  # where blocks train; None: CUDA when present, else the model's
+    """ESR's options; each is also a flag --esr-<name> of the commands that quantize."""
+    cli_prefix: ClassVar[str] = "esr"
+    cli_title: ClassVar[str] = "ESR"
+    # one of qmamba.quant.sim.SIMS; chosen on the dev texts by benchmarks/esr_dev_sweep.py
+    sim: str = field(default="exact", metadata={
+        "choices": tuple(SIMS), "help": "quantized-state simulation while training (default exact)"})
+    epochs: int = field(default=4, metadata={"metavar": "E", "help": "epochs per block (default 4)"})
+    batch_size: int = field(default=4, metadata={"metavar": "B", "help": "ESR batch size (default 4)"})
+    nsamples: int = field(default=64, metadata={        # the first N of the calibration set
+        "metavar": "N", "help": "calibration sequences used by ESR (default 64)"})
+    seqlen: int = field(default=256, metadata={         # the first L tokens of each
+        "metavar": "L", "help": "tokens per ESR sequence (default 256)"})
+    lr: float = field(default=2e-2, metadata={          # relative to each parameter's magnitude
+        "metavar": "LR", "help": "AdamW learning rate (default 0.02)"})
+    learn_weights: bool = field(default=True, metadata={"help": "learn weight clipping factors (default on)"})
+    learn_acts: bool = field(default=True, metadata={"help": "learn static activation scales (default on)"})
+    learn_state: bool = field(default=True, metadata={"help": "learn s_n and static state scales (default on)"})
+    learn_dt_bias: bool = field(default=False, metadata={"flag": "dt-bias", "help": "also learn the dt bias"})
+    chunk: int = field(default=32, metadata={"metavar": "C", "help": 'chunk length of the "chunk" simulation (default 32)'})
+    seed: int = field(default=0, metadata={"option": False})     # the quantization seed
+    device: Optional[str] = field(default=None, metadata={    # None: CUDA when present, else the model's
+        "metavar": "DEV", "help": "where blocks train (default: cuda when present, else the model's device)"})
 
     def __post_init__(self):
         if self.sim not in SIMS:
@@ -71,9 +80,11 @@ def _run(block, X: Tensor, bs: int) -> Tensor:
         return torch.cat([block(X[i:i + bs]).float() for i in range(0, len(X), bs)])
 
 
-def _learnable(block, qcfg, cfg: ESRConfig, arch: str) -> list[dict]:
+def _learnable(block, qcfg, cfg: ESRConfig) -> list[dict]:
     """Make this block's quantization parameters trainable; AdamW groups with learning rates
-    relative to each parameter's magnitude (scales span orders of magnitude)."""
+    relative to each parameter's magnitude (scales span orders of magnitude). What is learnable
+    is what the layer declares: its linears' clipping, the scales of the quantizers installed
+    in it, and its LEARNABLE extras (the dt bias)."""
     mixer = block.mixer
     groups = []
 
@@ -83,8 +94,8 @@ def _learnable(block, qcfg, cfg: ESRConfig, arch: str) -> list[dict]:
         groups.append({"params": [p], "lr": cfg.lr * mag, "weight_decay": 0.0})
 
     if cfg.learn_weights and qcfg.w_bits is not None:
-        for name in LINEARS[arch]:
-            lin = getattr(mixer, name)
+        for name in quantizable_linears(mixer):
+            lin = get_path(mixer, name)
             if isinstance(lin, QLinear) and lin.w_bits is None:
                 add(lin.learn_weight_clipping(qcfg.w_bits, qcfg.w_group_size))
     for m in mixer.modules():
@@ -95,8 +106,8 @@ def _learnable(block, qcfg, cfg: ESRConfig, arch: str) -> list[dict]:
                 add(m.s_n)
             if m.scale_mode == "static":
                 add(m.static_scale)
-    if cfg.learn_dt_bias:
-        add(mixer.dt_bias if hasattr(mixer, "dt_bias") else mixer.dt_proj.bias)
+    if cfg.learn_dt_bias and "dt_bias" in mixer.LEARNABLE:
+        add(get_path(mixer, mixer.LEARNABLE["dt_bias"]))
     return groups
 
 
@@ -117,7 +128,6 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
                 progress: bool = True) -> list[dict]:
     """Run ESR in place on a model whose quantizers are installed and calibrated and whose
     linears still hold float weights. Returns one record per block."""
-    arch = model.config.arch
     device = next(model.parameters()).device
     # blocks move to the work device one at a time (a model larger than GPU memory still fits)
     work = torch.device(cfg.device) if cfg.device else \
@@ -145,7 +155,7 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
                 m.mode = "off"
         Y = _run(fp_block, X_fp, cfg.batch_size)                            # FP target
         del fp_block
-        groups = _learnable(block, qcfg, cfg, arch)
+        groups = _learnable(block, qcfg, cfg)
         out = _run(block, X_q, cfg.batch_size)                              # calibrated, exact
         before = F.mse_loss(out, Y).item()
         start_values = [p.detach().clone() for gr in groups for p in gr["params"]]

@@ -27,17 +27,18 @@ tensors; the saved weights are already rotated, so nothing is rotated again.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import QMambaError
 from ..quant.activation import ActQuantizer
-from ..quant.apply import install_quantizers, mixers, quantize_weights
-from ..quant.calibrate import run_calibration
+from ..quant.apply import mixers
 from ..quant.hadamard import Rotate
 from ..quant.linear import QLinear
-from .registry import register
+from .registry import METHODS, Method, register
 
 
 def install_rotations(model) -> list[QLinear]:
@@ -65,24 +66,39 @@ def rotate_out_proj(model) -> None:
         lin.weight.copy_(lin.input_quant.rotate(lin.weight))               # rows of W (d_model, d) times H
 
 
-def _restore(model, qcfg, quantization_config) -> None:
-    """`restore` hook of the checkpoint loader: rebuild the rotation modules only."""
-    install_rotations(model)
+@dataclass(frozen=True)
+class QuambaOptions:
+    cli_prefix: ClassVar[str] = "quamba"
+    cli_title: ClassVar[str] = "Quamba"
+    percentile: float = field(default=99.999, metadata={
+        "help": "percentile of |x| that sets the SSM input's static scale (default 99.999)", "metavar": "P"})
+
+    def __post_init__(self):
+        if not 0.0 < self.percentile <= 100.0:
+            raise QMambaError(f"quamba percentile must be in (0, 100], got {self.percentile}")
 
 
-@register("quamba", "Quamba: Hadamard-rotated out_proj input, percentile-clipped SSM input x, "
-          "otherwise RTN (min-max static per-tensor activations, per-channel weights)",
-          state_quant="tensor", state_scale="static", restore=_restore)
-def quamba(model, qcfg, calib, percentile: float = 99.999, progress: bool = True):
+@register
+class Quamba(Method):
     """install quantizers (quant_x observes a percentile) -> rotate out_proj -> calibrate ->
     round the weights: the RTN steps with Quamba's two changes in between."""
-    if not 0.0 < percentile <= 100.0:
-        raise QMambaError(f"quamba percentile must be in (0, 100], got {percentile}")
-    install_quantizers(model, qcfg, observers={"quant_x": "percentile"})
-    for _, _, mixer in mixers(model):
-        if isinstance(mixer.quant_x, ActQuantizer):
-            mixer.quant_x.percentile = percentile
-    rotate_out_proj(model)
-    run_calibration(model, calib, progress=progress)
-    quantize_weights(model, qcfg)
-    return model
+    name = "quamba"
+    description = ("Quamba: Hadamard-rotated out_proj input, percentile-clipped SSM input x, "
+                   "otherwise RTN (min-max static per-tensor activations, per-channel weights)")
+    options = QuambaOptions
+
+    def observers(self, qcfg, opts: QuambaOptions) -> dict:
+        return {"quant_x": "percentile"}
+
+    def prepare(self, model, qcfg, opts: QuambaOptions) -> None:
+        for _, _, mixer in mixers(model):
+            if isinstance(mixer.quant_x, ActQuantizer):
+                mixer.quant_x.percentile = opts.percentile
+        rotate_out_proj(model)
+
+    def restore(self, model, qcfg, quantization_config: dict) -> None:
+        """Rebuild the rotation modules only."""
+        install_rotations(model)
+
+
+quamba = METHODS["quamba"]

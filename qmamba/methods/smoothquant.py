@@ -9,7 +9,9 @@ For a linear out = x W^T with input x (..., k) and weight W (out, k), per input 
 
 so a channel that is large in x is shrunk there and enlarged in W, where the per-output-channel
 weight scales absorb it. The 1/s is folded into the op that produces x, and only where that is
-exact (the producer's weight scales channel j of x and nothing else):
+exact (the producer's weight scales channel j of x and nothing else); each layer type declares
+these pairs (`smoothing_pairs()` of its mixer, `qmamba.models.layer_spec`). Linears that read
+one input (e.g. q, k, v) share one s, from the maxima of all their weights. For Mamba:
 
     linear           its input x                       1/s folded into
     in_proj          the block's RMSNorm output        the RMSNorm weight
@@ -25,29 +27,29 @@ scan), and Falcon-Mamba's dt_proj (a weight-less RMS norm of dt sits between it 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import QMambaError
+from ..models.layer_spec import get_path, producer_view
 from ..quant.primitives import EPS
-from .registry import register
-from .rtn import calibrate_and_round
+from .registry import METHODS, Method, register
 
 SCALE_RANGE = (1e-3, 1e3)   # s beyond this would blow the producer's weight up (or down) by > 1000x
 
 
-def smoothing_pairs(model) -> list[tuple[nn.Linear, Tensor]]:
-    """(linear, producer) for every smoothed linear (see the module docstring). The producer is a
-    view of the weight that makes the linear's input: its row j (dim 0) makes input channel j."""
+def smoothing_pairs(model) -> list[tuple[tuple[nn.Linear, ...], Tensor]]:
+    """(linears, producer) for every smoothing pair the layers declare (`smoothing_pairs()` of
+    each mixer; see the module docstring). The linears read one input; the producer is a view of
+    the weight that makes it: its row j (dim 0) makes input channel j."""
     pairs = []
     for layer in model.backbone.layers:
-        mixer = layer.mixer
-        pairs.append((mixer.in_proj, layer.norm.weight.detach()))                      # (d_model,)
-        if model.config.arch == "mamba2":
-            pairs.append((mixer.out_proj, mixer.norm.weight.detach()))                 # (d,)
-        elif mixer.rms_eps is None:
-            pairs.append((mixer.dt_proj, mixer.x_proj.weight.detach()[:mixer.dt_rank]))  # (r, d)
+        for pair in layer.mixer.smoothing_pairs():
+            pairs.append((tuple(get_path(layer, name) for name in pair.linears), producer_view(layer, pair)))
     return pairs
 
 
@@ -95,23 +97,42 @@ def smooth(model, calib: Tensor, alpha: float = 0.5, progress: bool = False) -> 
     if not 0.0 <= alpha <= 1.0:
         raise QMambaError(f"smoothquant alpha (migration strength) must be in [0, 1], got {alpha}")
     pairs = smoothing_pairs(model)
-    maxima = input_absmax(model, [lin for lin, _ in pairs], calib, progress=progress)
+    maxima = input_absmax(model, [lins[0] for lins, _ in pairs], calib, progress=progress)
     scales = []
-    for (lin, producer), x_absmax in zip(pairs, maxima):
-        s = smoothing_scale(x_absmax, lin.weight, alpha)
-        lin.weight.copy_((lin.weight.float() * s).to(lin.weight.dtype))
+    for (lins, producer), x_absmax in zip(pairs, maxima):
+        weight = lins[0].weight if len(lins) == 1 else torch.cat([lin.weight for lin in lins])
+        s = smoothing_scale(x_absmax, weight, alpha)
+        for lin in lins:
+            lin.weight.copy_((lin.weight.float() * s).to(lin.weight.dtype))
         row = s.view(-1, *[1] * (producer.dim() - 1))
         producer.copy_((producer.float() / row).to(producer.dtype))
         scales.append(s)
     return scales
 
 
-@register("smoothquant", "SmoothQuant (alpha=0.5) on in_proj, Mamba2 out_proj and Mamba1 dt_proj, "
-          "then RTN: min-max static per-tensor activations, per-channel weights",
-          state_quant="tensor", state_scale="static")
-def smoothquant(model, qcfg, calib, alpha: float = 0.5, progress: bool = True):
+@dataclass(frozen=True)
+class SmoothQuantOptions:
+    cli_prefix: ClassVar[str] = "smoothquant"
+    cli_title: ClassVar[str] = "SmoothQuant"
+    alpha: float = field(default=0.5, metadata={"help": "migration strength in [0, 1] (default 0.5)", "metavar": "A"})
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise QMambaError(f"smoothquant alpha (migration strength) must be in [0, 1], got {self.alpha}")
+
+
+@register
+class SmoothQuant(Method):
     """Smooth the float model (only when activations are quantized: with A16 there is nothing to
     migrate), then install, calibrate and round as RTN."""
-    if qcfg.a_bits is not None:
-        smooth(model, calib, alpha, progress=progress)
-    return calibrate_and_round(model, qcfg, calib, progress=progress)
+    name = "smoothquant"
+    description = ("SmoothQuant (alpha=0.5) on in_proj, Mamba2 out_proj and Mamba1 dt_proj, "
+                   "then RTN: min-max static per-tensor activations, per-channel weights")
+    options = SmoothQuantOptions
+
+    def transform(self, model, qcfg, calib, opts: SmoothQuantOptions, progress: bool) -> None:
+        if qcfg.a_bits is not None:
+            smooth(model, calib, opts.alpha, progress=progress)
+
+
+smoothquant = METHODS["smoothquant"]

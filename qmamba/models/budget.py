@@ -108,26 +108,29 @@ class ModelSize:
     vocab_size: int
 
 
-def _count(cfg, n_layer: int) -> tuple[int, int]:
+def _count(cfg, layer_types: list) -> tuple[int, int]:
     from .lm import MambaLM
 
     with torch.device("meta"):
-        model = MambaLM(dataclasses.replace(cfg, n_layer=n_layer))
+        model = MambaLM(dataclasses.replace(cfg, n_layer=len(layer_types), layer_types=list(layer_types)))
     params = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
-    state = 0
-    for m in model.mixers():
-        d, n = m.ssm_state_shape()
-        state += d * n + m.conv1d.weight.shape[0] * (m.conv1d.weight.shape[-1] - 1)
+    state = sum(spec.numel for m in model.mixers() for spec in m.states())
     return params, state
 
 
 def model_size(cfg) -> ModelSize:
-    """Sizes of a `ModelConfig`, from one- and two-layer models built on the meta device (cheap
-    whatever the config says: no data, two layers)."""
-    p1, s1 = _count(cfg, 1)
-    p2, s2 = _count(cfg, 2)
-    n = cfg.n_layer
-    return ModelSize(parameters=p1 + (n - 1) * (p2 - p1), state_per_sequence=n * (s2 - s1), n_layer=n,
+    """Sizes of a `ModelConfig`, from one- and two-layer models of each of its layer types built
+    on the meta device (cheap whatever the config says: no data, two layers a type)."""
+    params = state = 0
+    for t in dict.fromkeys(cfg.layer_types):
+        p1, s1 = _count(cfg, [t])
+        p2, s2 = _count(cfg, [t, t])
+        k = cfg.layer_types.count(t)
+        if not params:
+            params = p1 - (p2 - p1)            # what no layer holds: embedding, final norm, head
+        params += k * (p2 - p1)
+        state += k * (s2 - s1)
+    return ModelSize(parameters=params, state_per_sequence=state, n_layer=cfg.n_layer,
                      d_model=cfg.d_model, vocab_size=cfg.vocab_size)
 
 

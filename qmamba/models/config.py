@@ -43,6 +43,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     model_type: str = ""               # the source's model_type, written back on save
     extra: dict = field(default_factory=dict)   # keys of the source config we carry along
+    layer_types: list = field(default_factory=list)  # one layer type per block (qmamba.models.
+                                                     # layer_types); derived: every block `arch`
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -64,6 +66,11 @@ class ModelConfig:
             if self.gated_norm_eps is None:
                 self.gated_norm_eps = self.norm_eps
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
+        if not self.layer_types:
+            self.layer_types = [self.arch] * int(self.n_layer)
+        self.layer_types = [str(t) for t in self.layer_types]
+        if len(self.layer_types) != int(self.n_layer):
+            raise QMambaError(f"{len(self.layer_types)} layer types for {self.n_layer} layers")
         if not self.model_type:
             self.model_type = "mamba" if self.arch == "mamba1" else "mamba2"
         for name in ("vocab_size", "d_model", "n_layer", "d_state", "d_conv", "d_inner"):

@@ -5,26 +5,39 @@ norm and (tied or untied) lm_head, with module names that match transformers' ch
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .cache import InferenceCache
 from .config import ModelConfig
+from .layer_types import build_mixer
 from .layers import RMSNorm
-from .mamba1 import Mamba1Mixer
-from .mamba2 import Mamba2Mixer
+
+
+@dataclass
+class QuantState:
+    """How a quantized model was made: what `qmamba.quantize` and the checkpoint loader record on
+    `MambaLM.quant_state` (None for a float model)."""
+    config: Any                      # the qmamba.quant.config.QuantConfig
+    method: str                      # the method's registry name
+    seconds: Optional[float] = None  # quantization time (None: loaded from a checkpoint)
+    records: Optional[list] = None   # the reconstruction's per-block records (ESR), if any
+    meta: dict = field(default_factory=dict)   # extra fields written into quantization_config
 
 
 class Block(nn.Module):
-    """residual + mixer(norm(residual)), the residual stream kept in float32 if asked."""
+    """residual + mixer(norm(residual)), the residual stream kept in float32 if asked; the
+    mixer is the one of the block's layer type (`qmamba.models.layer_types`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_type: str):
         super().__init__()
+        self.layer_type = layer_type
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer = Mamba1Mixer(cfg) if cfg.arch == "mamba1" else Mamba2Mixer(cfg)
+        self.mixer = build_mixer(cfg, layer_type)
 
     def _residual(self, hidden: Tensor) -> Tensor:
         return hidden.float() if self.residual_in_fp32 else hidden
@@ -42,21 +55,31 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
         self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 class MambaLM(nn.Module):
-    """Mamba / Mamba2 causal LM. `forward` is the parallel path (prompts, training, evaluation),
+    """Mamba / Mamba2 causal LM (one layer type per block: `cfg.layer_types`). `forward` is the parallel path (prompts, training, evaluation),
     `step` the recurrent one (decoding), both through an optional `InferenceCache`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.quant_state: Optional[QuantState] = None
         self.backbone = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
+
+    @property
+    def quant_config(self):
+        """The QuantConfig of a quantized model, None for a float one."""
+        return None if self.quant_state is None else self.quant_state.config
+
+    @property
+    def quant_method(self) -> Optional[str]:
+        return None if self.quant_state is None else self.quant_state.method
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -124,14 +147,7 @@ def init_weights(model: MambaLM, seed: int = 0, dt_min: float = 1e-3, dt_max: fl
             dt = torch.exp(torch.rand(nh, generator=g) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=1e-4)
             inv_softplus = dt + torch.log(-torch.expm1(-dt))
-            if cfg.arch == "mamba1":
-                m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(nh, -1))
-                m.dt_proj.bias.copy_(inv_softplus)
-                std = cfg.dt_rank ** -0.5
-                m.dt_proj.weight.copy_((torch.rand(m.dt_proj.weight.shape, generator=g) * 2 - 1) * std)
-            else:
-                m.A_log.copy_(torch.log(torch.rand(nh, generator=g) * 15 + 1))
-                m.dt_bias.copy_(inv_softplus)
+            m.init_dynamics_(g, inv_softplus)
             m.D.fill_(1.0)
             if m.conv1d.bias is not None:
                 m.conv1d.bias.zero_()

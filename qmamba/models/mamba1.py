@@ -15,12 +15,16 @@ from torch import Tensor, nn
 
 from .cache import LayerState
 from .config import ModelConfig
+from .layer_spec import LinearGroup, SmoothingPair
 from .layers import causal_conv1d, conv_tail, rms
 from .mixer import MixerBase, conv_step
 from .scan.mamba1 import chunk_end_states, selective_scan
 
 
 class Mamba1Mixer(MixerBase):
+    LAYER_TYPE = "mamba1"
+    LEARNABLE = {"dt_bias": "dt_proj.bias"}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
@@ -37,6 +41,29 @@ class Mamba1Mixer(MixerBase):
 
     def ssm_state_shape(self) -> tuple[int, int]:
         return self.d_inner, self.d_state
+
+    def linear_groups(self) -> tuple[LinearGroup, ...]:
+        # x_proj reads the scan input x, already quantized by quant_x
+        return (LinearGroup(("in_proj",)), LinearGroup(("x_proj",), input_quantized=True),
+                LinearGroup(("dt_proj",)), LinearGroup(("out_proj",)))
+
+    def smoothing_pairs(self) -> tuple[SmoothingPair, ...]:
+        """in_proj from the block's RMSNorm; dt_proj from the dt rows of x_proj, except in
+        Falcon-Mamba (a weight-less RMS norm of dt sits between them). x_proj's input (also the
+        scan input) and out_proj's (y * silu(z)) have no exactly foldable producer."""
+        pairs = (SmoothingPair("norm.weight", ("mixer.in_proj",)),)
+        if self.rms_eps is None:
+            pairs += (SmoothingPair("mixer.x_proj.weight", ("mixer.dt_proj",), rows=(0, self.dt_rank)),)
+        return pairs
+
+    @torch.no_grad()
+    def init_dynamics_(self, g: torch.Generator, dt_bias: Tensor) -> None:
+        """mamba_ssm's initialisation of A (S4D-real), the dt bias and dt_proj's weight."""
+        nh = self.A_log.shape[0]
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(nh, -1))
+        self.dt_proj.bias.copy_(dt_bias)
+        std = self.dt_rank ** -0.5
+        self.dt_proj.weight.copy_((torch.rand(self.dt_proj.weight.shape, generator=g) * 2 - 1) * std)
 
     def _ssm_inputs(self, x: Tensor):
         """x after conv+silu (..., d) -> quantized x, dt, B, C with B, C (..., n)."""

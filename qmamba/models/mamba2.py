@@ -16,12 +16,16 @@ from torch import Tensor, nn
 
 from .cache import LayerState
 from .config import ModelConfig
+from .layer_spec import LinearGroup, SmoothingPair
 from .layers import GatedRMSNorm, causal_conv1d, conv_tail
 from .mixer import MixerBase, conv_step
 from .scan.ssd import ssd_scan
 
 
 class Mamba2Mixer(MixerBase):
+    LAYER_TYPE = "mamba2"
+    LEARNABLE = {"dt_bias": "dt_bias"}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, n, g = cfg.d_inner, cfg.d_state, cfg.ngroups
@@ -41,6 +45,22 @@ class Mamba2Mixer(MixerBase):
 
     def ssm_state_shape(self) -> tuple[int, int]:
         return self.d_inner, self.d_state
+
+    def linear_groups(self) -> tuple[LinearGroup, ...]:
+        return LinearGroup(("in_proj",)), LinearGroup(("out_proj",))
+
+    def smoothing_pairs(self) -> tuple[SmoothingPair, ...]:
+        """in_proj from the block's RMSNorm; out_proj from the gated RMSNorm's weight (it scales
+        after the per-group normalisation)."""
+        return (SmoothingPair("norm.weight", ("mixer.in_proj",)),
+                SmoothingPair("mixer.norm.weight", ("mixer.out_proj",)))
+
+    @torch.no_grad()
+    def init_dynamics_(self, g: torch.Generator, dt_bias: Tensor) -> None:
+        """mamba_ssm's initialisation of A (uniform in [1, 16]) and the dt bias."""
+        nh = self.A_log.shape[0]
+        self.A_log.copy_(torch.log(torch.rand(nh, generator=g) * 15 + 1))
+        self.dt_bias.copy_(dt_bias)
 
     def _split(self, zxbcdt: Tensor):
         d, gn = self.d_inner, self.ngroups * self.d_state

@@ -32,10 +32,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import LayerState, SSMState
+from .layer_spec import StateSpec
 
 
 class MixerBase(nn.Module):
+    """The Mamba mixers' shared machinery and the declarations both make alike (see
+    `qmamba.models.layer_spec`): the quantization points, the conv and SSM states."""
+    LAYER_TYPE = ""
     QUANT_POINTS = ("quant_conv", "quant_x", "quant_B", "quant_C", "quant_dt", "quant_z")
+    LEARNABLE: dict = {}          # option name -> parameter path (e.g. {"dt_bias": "dt_bias"})
+
+    def linear_groups(self) -> tuple:
+        raise NotImplementedError
+
+    def smoothing_pairs(self) -> tuple:
+        raise NotImplementedError
+
+    def states(self) -> tuple[StateSpec, ...]:
+        """The conv state (its last w-1 inputs) and the SSM state (d, n), per sequence."""
+        d, n = self.ssm_state_shape()
+        w = self.conv1d.weight
+        return (StateSpec("conv", (w.shape[0], w.shape[-1] - 1)),
+                StateSpec("ssm", (d, n), headdim=getattr(self, "headdim", 1)))
 
     def _init_quant_points(self):
         for name in self.QUANT_POINTS:

@@ -8,22 +8,17 @@ reconstruct (ESR).
 
 from __future__ import annotations
 
-from ..models.mixer import MixerBase
+from ..models.layer_spec import get_path, quantizable_linears, set_path, state_spec
 from .activation import ActQuantizer
 from .config import QuantConfig
 from .linear import QLinear
 from .state import StateQuantizer
 
-# Linear projections of each mixer, and the ones whose input is already quantized upstream
-# (Mamba1's x_proj reads the scan input x, quantized by quant_x).
-LINEARS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
-INPUT_SHARED = {("mamba1", "x_proj")}
-
 
 def mixers(model):
-    """(index, arch, mixer) for every layer."""
+    """(index, layer type, mixer) for every layer."""
     for i, layer in enumerate(model.backbone.layers):
-        yield i, model.config.arch, layer.mixer
+        yield i, layer.layer_type, layer.mixer
 
 
 def _act(qcfg: QuantConfig, where: str, observer: str | None = None) -> ActQuantizer:
@@ -32,44 +27,49 @@ def _act(qcfg: QuantConfig, where: str, observer: str | None = None) -> ActQuant
 
 
 def install_quantizers(model, qcfg: QuantConfig, observers: dict | None = None) -> None:
-    """Install (uncalibrated) quantizers for `qcfg` in place. `observers` maps a quantization
-    point name (e.g. "quant_x") to the observer it should use instead of the config's."""
+    """Install (uncalibrated) quantizers for `qcfg` in place, where each layer declares them
+    (`qmamba.models.layer_spec`): activation quantizers at its quantization points, a quantized
+    linear for each of its linears (one input quantizer per group of linears that read the same
+    input), a state quantizer for its SSM state. `observers` maps a quantization point name (e.g.
+    "quant_x") or a linear's name to the observer it should use instead of the config's."""
     if qcfg.state_quant is None or qcfg.state_scale is None:
         raise ValueError("resolve the method's state quantizer defaults before installing")
     observers = observers or {}
-    for i, arch, mixer in mixers(model):
+    for i, _, mixer in mixers(model):
         prefix = f"backbone.layers.{i}.mixer"
         if qcfg.a_bits is not None:
-            for point in MixerBase.QUANT_POINTS:
+            for point in mixer.QUANT_POINTS:
                 setattr(mixer, point, _act(qcfg, f"{prefix}.{point}", observers.get(point)))
         if qcfg.a_bits is not None or qcfg.w_bits is not None:
-            for name in LINEARS[arch]:
-                lin = getattr(mixer, name)
-                if isinstance(lin, QLinear):
-                    continue
+            for group in mixer.linear_groups():
                 iq = None
-                if qcfg.a_bits is not None and (arch, name) not in INPUT_SHARED:
-                    iq = _act(qcfg, f"{prefix}.{name}.input", observers.get(name))
-                setattr(mixer, name, QLinear.from_linear(lin, None, input_quant=iq))
-        if qcfg.h_bits is not None:
-            d, n = mixer.ssm_state_shape()
+                for name in group.linears:
+                    lin = get_path(mixer, name)
+                    if isinstance(lin, QLinear):
+                        continue
+                    if iq is None and qcfg.a_bits is not None and not group.input_quantized:
+                        iq = _act(qcfg, f"{prefix}.{name}.input", observers.get(name))
+                    set_path(mixer, name, QLinear.from_linear(lin, None, input_quant=iq))
+        ssm = state_spec(mixer, "ssm")
+        if qcfg.h_bits is not None and ssm is not None:
+            d, n = ssm.shape
             mixer.state_quant = StateQuantizer(
-                qcfg.state_quant, qcfg.h_bits, d, n, headdim=getattr(mixer, "headdim", 1),
+                qcfg.state_quant, qcfg.h_bits, d, n, headdim=ssm.headdim,
                 scale_mode=qcfg.state_scale, rounding=qcfg.state_rounding,
                 group_size=qcfg.state_group_size, seed=qcfg.seed * 7919 + i, where=prefix)
 
 
 def quantize_weights(model, qcfg: QuantConfig, clips: dict | None = None) -> None:
-    """Round every mixer linear's weights to `qcfg.w_bits` (round-to-nearest; `clips` maps a
+    """Round every declared linear's weights to `qcfg.w_bits` (round-to-nearest; `clips` maps a
     module path to per-channel clip factors learned elsewhere)."""
     if qcfg.quantize_head:
         quantize_head(model)
     if qcfg.w_bits is None:
         return
     clips = clips or {}
-    for i, arch, mixer in mixers(model):
-        for name in LINEARS[arch]:
-            lin = getattr(mixer, name)
+    for i, _, mixer in mixers(model):
+        for name in quantizable_linears(mixer):
+            lin = get_path(mixer, name)
             if isinstance(lin, QLinear) and lin.w_bits is None:
                 lin.quantize_weights_(qcfg.w_bits, qcfg.w_group_size,
                                       clips.get(f"backbone.layers.{i}.mixer.{name}"))

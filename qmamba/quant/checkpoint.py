@@ -27,7 +27,7 @@ from .._version import __version__
 from ..errors import QMambaError
 from ..formats import compressed_tensors as ct
 from ..models.config import from_hf_dict
-from ..models.lm import MambaLM
+from ..models.lm import MambaLM, QuantState
 from ..models.save import save_model, state_dict_for_save
 from .apply import install_quantizers, quantize_weights
 from .config import FORMAT_VERSION, QuantConfig
@@ -43,10 +43,10 @@ Restore = Callable[[MambaLM, QuantConfig, dict], None]
 def quantization_config(model: MambaLM) -> dict:
     """The qmamba part of a checkpoint's quantization_config (format_version 1 wrote it as the
     whole quantization_config; format_version 2 nests it under the key "qmamba")."""
-    qcfg: QuantConfig = model.quant_config
+    qs = model.quant_state
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "qmamba_version": __version__,
-            "method": model.quant_method, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **qcfg.to_dict(), **getattr(model, "quant_meta", {})}
+            "method": qs.method, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **qs.config.to_dict(), **qs.meta}
 
 
 def export_tensors(model: MambaLM) -> tuple[dict, dict, dict]:
@@ -79,7 +79,7 @@ def _not_expressed(model: MambaLM) -> list[str]:
 
 def save_quantized(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force: bool = False) -> Path:
     """Write a quantized model atomically to `out`: compressed-tensors + qmamba's extension."""
-    if not hasattr(model, "quant_config"):
+    if model.quant_state is None:
         raise QMambaError("this model is not quantized; run qmamba.quantize first")
     main, ext, qc = export_tensors(model)
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in main.values())},
@@ -100,7 +100,21 @@ def quantize_structure(model: MambaLM, qcfg: QuantConfig, method: str, qmeta: Op
     if restore is not None:
         restore(model, qcfg, qmeta or {})
     quantize_weights(model, qcfg)
-    model.quant_config, model.quant_method = qcfg, method
+    model.quant_state = QuantState(qcfg, method)
+    return model
+
+
+def build_structure(cfg, qcfg: Optional[QuantConfig] = None, method: Optional[str] = None,
+                    qmeta: Optional[dict] = None, dtype: Optional[torch.dtype] = None, *,
+                    restore: Optional[Restore]) -> MambaLM:
+    """A model of `cfg` on the meta device (shapes and dtypes, no data), in `dtype` if given, with
+    the modules of `qcfg` quantized by `method` when `qcfg` is given (`quantize_structure`)."""
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+        if dtype is not None:
+            model = model.to(dtype)
+        if qcfg is not None:
+            quantize_structure(model, qcfg, method, qmeta, restore=restore)
     return model
 
 
@@ -135,8 +149,7 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
         # configs (transformers < 5.23 did, mamba_ssm never did) and wrote the group size only
         # when it differed from d_inner: such a folder was calibrated with the whole-width norm
         cfg = dataclasses.replace(cfg, norm_group_size=cfg.d_inner)
-    with torch.device("meta"):
-        model = quantize_structure(MambaLM(cfg).to(dtype), qcfg, method, qc, restore=restore)
+    model = build_structure(cfg, qcfg, method, qc, dtype, restore=restore)
     if qc is not outer:
         if extension is None:
             extension = _read_extension(folder, qc)
@@ -165,7 +178,6 @@ def build_quantized(raw: dict, state_dict: dict, dtype: torch.dtype = torch.floa
         for name, b in list(m.named_buffers(recurse=False)):
             if b.device.type == "meta":
                 setattr(m, name, torch.zeros(b.shape, dtype=b.dtype, device=device))
-    model.quant_config, model.quant_method = qcfg, method
     return model.eval()
 
 

@@ -171,7 +171,7 @@ def plot_overview(records: list[LayerRecord], path: Path, title: str):
     _save(fig, path)
 
 
-def plot_activations(rec: LayerRecord, path: Path, title: str, arch: str, ngroups: int = 1):
+def plot_activations(rec: LayerRecord, path: Path, title: str, layer_type: str, ngroups: int = 1):
     """One subplot per quantization point: max |activation| per channel, in channel order."""
     names = [n for n in LABELS if n in rec.act]
     ncols = 3
@@ -196,22 +196,22 @@ def plot_activations(rec: LayerRecord, path: Path, title: str, arch: str, ngroup
             _plain_log(ax.yaxis, prof)
         ax.set_xlim(-0.5, k - 0.5)
         # structure of the channel axis: heads (Mamba2 d-sized points), x|B|C of the conv input
-        if arch == "mamba2" and name in ("x", "z", "out_proj") and rec.headdim > 1 and rec.heads <= 64:
+        if layer_type == "mamba2" and name in ("x", "z", "out_proj") and rec.headdim > 1 and rec.heads <= 64:
             for hd in range(1, rec.heads):
                 ax.axvline(hd * rec.headdim - 0.5, color="0.75", lw=0.5)
-        if name == "conv" and arch == "mamba2":
+        if name == "conv" and layer_type == "mamba2":
             gn = ngroups * rec.n
             for b in (rec.d, rec.d + gn):
                 ax.axvline(b - 0.5, color="tab:green", lw=0.8)
         r = ratio(prof)
-        ax.set_title(f"{LABELS[name]}{' = x_proj input' if name == 'x' and arch == 'mamba1' else ''}\n"
+        ax.set_title(f"{LABELS[name]}{' = x_proj input' if name == 'x' and layer_type == 'mamba1' else ''}\n"
                      f"{k} ch, max {float(prof.max()):.3g}, max/median {r:.1f}x", fontsize=8.5)
         ax.tick_params(which="both", labelsize=7)
         ax.set_xlabel("channel", fontsize=7)
         ax.set_ylabel("max |a| (log)", fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    extra = " (conv input: x | B | C split by green lines; heads by grey lines)" if arch == "mamba2" else ""
+    extra = " (conv input: x | B | C split by green lines; heads by grey lines)" if layer_type == "mamba2" else ""
     fig.suptitle(f"{title}: layer {rec.index}, per-channel activation maxima at the quantization "
                  f"points; dashed = median, red = top 3{extra}", fontsize=10)
     _save(fig, path)

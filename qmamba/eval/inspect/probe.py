@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ...errors import QMambaError
+from ...models.layer_spec import get_path, state_spec
 from ...models.scan.reference import selective_scan_ref
 
 SAMPLE_POSITIONS = 8          # states kept per sequence for the SQNR (evenly spaced tokens)
@@ -41,14 +42,13 @@ class LayerRecord:
         return self.d // self.headdim
 
 
-def act_points(arch: str, mixer) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every quantization point; a point's activation is its module's input."""
-    pts = [("in_proj", mixer.in_proj), ("conv", mixer.quant_conv), ("x", mixer.quant_x)]
-    if arch == "mamba1":
-        pts.append(("dt_proj", mixer.dt_proj))
-    pts += [("dt", mixer.quant_dt), ("B", mixer.quant_B), ("C", mixer.quant_C), ("z", mixer.quant_z),
-            ("out_proj", mixer.out_proj)]
-    return pts
+def act_points(mixer) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every quantization point the mixer declares; a point's activation is
+    its module's input: the input of each group of linears that gets its own input quantizer
+    (named after the group's first linear), and each activation quantization point (named
+    without its "quant_" prefix)."""
+    pts = [(g.linears[0], get_path(mixer, g.linears[0])) for g in mixer.linear_groups() if not g.input_quantized]
+    return pts + [(p.removeprefix("quant_"), getattr(mixer, p)) for p in mixer.QUANT_POINTS]
 
 
 class Probe:
@@ -61,15 +61,15 @@ class Probe:
     (`selective_scan_ref` of the mixer's `per_channel` inputs), recording the state after every
     token; the layers after it get that recurrence's output."""
 
-    def __init__(self, rec: LayerRecord, mixer, arch: str, cap: int, seed: int):
-        self.rec, self.mixer, self.arch, self.cap = rec, mixer, arch, cap
+    def __init__(self, rec: LayerRecord, mixer, cap: int, seed: int):
+        self.rec, self.mixer, self.cap = rec, mixer, cap
         self.gen = torch.Generator().manual_seed(seed * 1_000_003 + rec.index)
         self.handles = []
         self.keep: set[int] = set()
         self.t = 0
 
     def install(self):
-        for name, mod in act_points(self.arch, self.mixer):
+        for name, mod in act_points(self.mixer):
             self.handles.append(mod.register_forward_pre_hook(self._act_hook(name)))
         self.mixer.state_quant = self
 
@@ -123,10 +123,9 @@ def collect(model, ids: Tensor, layers: Optional[Sequence[int]] = None, batch_si
     LayerRecord per analysed layer, with its sampled states (for `statistics.add_sqnr`)."""
     from tqdm.auto import tqdm
 
-    if getattr(model, "quant_config", None) is not None or any(
+    if model.quant_state is not None or any(
             m.state_quant is not None for m in model.mixers()):
         raise QMambaError("inspect analyses float models; this model is already quantized")
-    arch = model.config.arch
     n_layer = len(model.layers)
     layers = list(range(n_layer)) if layers is None else sorted(layers)
     if not layers or layers[0] < 0 or layers[-1] >= n_layer:
@@ -135,11 +134,11 @@ def collect(model, ids: Tensor, layers: Optional[Sequence[int]] = None, batch_si
     probes = []
     for i in layers:
         mixer = model.layers[i].mixer
-        d, n = mixer.ssm_state_shape()
-        headdim = getattr(mixer, "headdim", 1) if arch == "mamba2" else 1
-        rec = LayerRecord(i, d, n, headdim, torch.zeros(d, n, device=device))
+        ssm = state_spec(mixer, "ssm")
+        d, n = ssm.shape
+        rec = LayerRecord(i, d, n, ssm.headdim, torch.zeros(d, n, device=device))
         cap = max(4, min(256, SAMPLE_BUDGET // (d * n)))
-        probes.append(Probe(rec, mixer, arch, cap, seed))
+        probes.append(Probe(rec, mixer, cap, seed))
     was_training = model.training
     model.eval()
     try:

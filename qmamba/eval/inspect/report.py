@@ -113,8 +113,8 @@ def inspect_model(loaded, out, *, calib=None, nsamples: int = 16, seqlen: int = 
         for r in records:
             plots.plot_state_heatmap(r, add(f"state_heatmap_layer{r.index:0{width}d}.png"), name, nsamples * seqlen)
         for r in records:
-            plots.plot_activations(r, add(f"activations_layer{r.index:0{width}d}.png"), name, cfg.arch,
-                             getattr(m0, "ngroups", 1))
+            plots.plot_activations(r, add(f"activations_layer{r.index:0{width}d}.png"), name,
+                             model.layers[r.index].layer_type, getattr(m0, "ngroups", 1))
         stats["files"] = files
         stats["seconds"] = round(time.time() - t0, 2)
         atomic_write_json(tmp / "stats.json", stats)
