@@ -168,6 +168,7 @@ def _row_options(args, names: list[str]) -> dict[type, dict]:
         if not any(n in rows for n in names):
             raise QMambaError(f"--{cls.cli_prefix}-* flags need a row with {cls.cli_title} in --methods "
                               f"({', '.join(rows)})")
+        cls(**given[cls])                     # a bad value fails now, not after the first rows
     return given
 
 

@@ -81,10 +81,11 @@ def memory_report(model: MambaLM, batches=(1,), device=None) -> dict:
     for b in batches:
         s = state_bytes(model, b, device)
         s16 = fp16_state_bytes(model, b)
-        tot, tot16 = w["total"] + s["conv"] + s["ssm"], w16 + s16["conv"] + s16["ssm"]
+        st, st16 = sum(s.values()), sum(s16.values())          # every kind of state the layers keep
+        tot, tot16 = w["total"] + st, w16 + st16
         out["batches"][str(b)] = {
-            "state": {**s, "total": s["conv"] + s["ssm"]},
-            "state_fp16": {**s16, "total": s16["conv"] + s16["ssm"]},
+            "state": {**s, "total": st},
+            "state_fp16": {**s16, "total": st16},
             "ssm_ratio": s["ssm"] / s16["ssm"],
             "total": tot, "total_fp16": tot16, "total_ratio": tot / tot16,
         }

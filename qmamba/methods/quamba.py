@@ -48,7 +48,7 @@ def install_rotations(model) -> list[QLinear]:
     where out_proj is still an nn.Linear, i.e. for an H-only config)."""
     changed = []
     for i, _, mixer in mixers(model):
-        lin = mixer.out_proj
+        lin = getattr(mixer, "out_proj", None)            # layers without one are left as they are
         if not isinstance(lin, QLinear):
             continue
         if isinstance(lin.input_quant, nn.Sequential) and hasattr(lin.input_quant, "rotate"):
@@ -92,7 +92,7 @@ class Quamba(Method):
 
     def prepare(self, model, qcfg, opts: QuambaOptions) -> None:
         for _, _, mixer in mixers(model):
-            if isinstance(mixer.quant_x, ActQuantizer):
+            if isinstance(getattr(mixer, "quant_x", None), ActQuantizer):
                 mixer.quant_x.percentile = opts.percentile
         rotate_out_proj(model)
 

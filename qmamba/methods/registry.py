@@ -14,15 +14,18 @@ none), its default state quantizer, and the steps of the lifecycle it changes:
 `restore` rebuilds what `prepare` added, without touching weights, when a checkpoint is loaded.
 
 Options dataclass fields become method options (`qmamba.quantize(..., method_options={...})`)
-and command-line flags `--<cli_prefix>-<field>` (`qmamba.cli.common`); a field's metadata
-refines its flag:
+and command-line flags `--<cli_prefix>-<field>` (`qmamba.cli.common`; the class attributes
+`cli_prefix`, e.g. "esr", and `cli_title`, e.g. "ESR", name them); a field's metadata refines
+its flag:
 
     flag       the flag's name after the prefix (default: the field name with dashes)
     help       the flag's help; choices, metavar: as argparse's
     option     False: not a method option (filled by the method itself, e.g. ESR's seed)
     per_row    False: not offered by `qmamba compare` (e.g. a resume folder)
-    positive   the value must be a finite number > 0
-    calib      "nsamples" | "seqlen": taken from the calibration set, so at most its size
+
+An options class may also define `check_run(flag, given, nsamples, seqlen, out)` (checks
+against the command line, before the model is loaded) and `work_bytes(d_model, nsamples,
+seqlen)` (the memory its work needs, checked before calibration).
 
 It imports none of the method modules: `qmamba.methods` imports them (so that they register
 themselves), and the method modules import only this table, never the package.
@@ -59,8 +62,6 @@ class OptionField:
     choices: Optional[tuple]
     metavar: Optional[str]
     per_row: bool
-    positive: bool
-    calib: Optional[str]
 
 
 def _base_type(hint):
@@ -80,8 +81,7 @@ def option_fields(options: type) -> list[OptionField]:
         out.append(OptionField(
             name=f.name, flag=flag, dest=flag[2:].replace("-", "_"), type=_base_type(hints[f.name]),
             default=f.default, help=md.get("help", f.name.replace("_", " ")), choices=md.get("choices"),
-            metavar=md.get("metavar"), per_row=md.get("per_row", True), positive=md.get("positive", False),
-            calib=md.get("calib")))
+            metavar=md.get("metavar"), per_row=md.get("per_row", True)))
     return out
 
 

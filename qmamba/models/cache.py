@@ -61,9 +61,11 @@ class InferenceCache:
         return self.layers[i]
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes of the real tensors held, split into conv and ssm state."""
+        """Bytes of the real tensors held, by kind of state (conv, ssm: a tensor named "ssm.h"
+        is of kind "ssm")."""
         out = {"conv": 0, "ssm": 0}
         for layer in self.layers:
             for name, t in layer.tensors().items():
-                out["conv" if name == "conv" else "ssm"] += t.numel() * t.element_size()
+                kind = name.split(".")[0]
+                out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
         return out

@@ -77,7 +77,7 @@ def hybrid(monkeypatch):
     return make
 
 
-@pytest.mark.parametrize("method", ["rtn", "smoothquant", "qmamba"])
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "quamba", "qmamba"])
 def test_an_undeclared_architecture_quantizes_from_its_declarations(hybrid, method):
     model = hybrid()
     ref = model(IDS)
