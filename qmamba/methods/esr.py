@@ -102,7 +102,7 @@ def _learnable(block, qcfg, cfg: ESRConfig) -> list[dict]:
         if cfg.learn_acts and isinstance(m, ActQuantizer) and not m.dynamic:
             add(m.scale)
         if cfg.learn_state and isinstance(m, StateQuantizer):
-            if m.kind == "dsq":
+            if m.layout.uses_s_n:
                 add(m.s_n)
             if m.scale_mode == "static":
                 add(m.static_scale)

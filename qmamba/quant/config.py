@@ -18,15 +18,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import QMambaError
+from .state_layout import LAYOUTS
 
-STATE_QUANTIZERS = {
-    "tensor": "one scale for the whole state of a layer",
-    "channel": "one scale per channel (row d), over the state axis",
-    "state": "one scale per state index (column n), over the channels",
-    "head": "one scale per head (Mamba2; p channels x n states); Mamba1: same as channel",
-    "group": "one scale per channel and group of `state_group_size` state indices",
-    "dsq": "Decoupled Scale Quantization: h[c, n] ~ s_c[c] * s_n[n] * q[c, n]",
-}
+# the state quantizers by name, each described by its layout class (`qmamba.quant.state_layout`)
+STATE_QUANTIZERS = {name: layout.description for name, layout in LAYOUTS.items()}
 SCALE_MODES = ("dynamic", "static")
 ROUNDINGS = ("nearest", "stochastic")
 FORMAT_VERSION = 1
@@ -57,9 +52,9 @@ class QuantConfig:
             v = getattr(self, name)
             if v is not None and not lo <= v <= hi:
                 raise QMambaError(f"{name[0].upper()}{v} is not supported: {SPEC_HELP}")
-        if self.state_quant is not None and self.state_quant not in STATE_QUANTIZERS:
+        if self.state_quant is not None and self.state_quant not in LAYOUTS:
             raise QMambaError(f"unknown state quantizer {self.state_quant!r}; "
-                              f"choose one of {', '.join(STATE_QUANTIZERS)}")
+                              f"choose one of {', '.join(LAYOUTS)}")
         if self.state_scale is not None and self.state_scale not in SCALE_MODES:
             raise QMambaError(f"unknown state scale mode {self.state_scale!r}; choose {' or '.join(SCALE_MODES)}")
         if self.state_rounding not in ROUNDINGS:

@@ -39,26 +39,11 @@ runs: collections.Counter = collections.Counter()
 _EAGER: "weakref.WeakSet" = weakref.WeakSet()      # the eager steps make_step / make_cache_step built
 
 
-def _requantize(h: Tensor, kind: str, dynamic: bool, qmax: float, heads: int, group: int,
-                 s_n: Tensor, static: Tensor, u: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """h (b, d, n) -> (codes as float in the quantizer's view, scale of that view)."""
-    d = h.shape[1]
-    if kind == "head":
-        v = h.unflatten(1, (heads, d // heads))                             # (b, h, p, n)
-        dims = (2, 3)
-    elif kind == "group":
-        v = h.unflatten(2, (h.shape[-1] // group, group))                    # (b, d, n/gs, gs)
-        dims = (3,)
-    elif kind == "dsq":
-        v = h / s_n
-        dims = (2,)
-    else:
-        v = h
-        dims = {"tensor": (1, 2), "channel": (2,), "state": (1,)}[kind]
-    if dynamic:
-        scale = (v.abs().amax(dim=dims, keepdim=True) / qmax).clamp(2.0 ** -24, 65504.0).half().float()
-    else:
-        scale = static
+def _requantize(h: Tensor, layout, dynamic: bool, qmax: float, s_n: Tensor, static: Tensor,
+                 u: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """h (b, d, n) -> (codes as float in the layout's view, scale of that view)."""
+    v = layout.view(h, s_n)
+    scale = layout.dynamic_scale(v, qmax) if dynamic else static
     if u is not None:                       # stochastic; every view keeps (b, d, n)'s element order
         q = torch.floor(v / scale + u.view(v.shape)).clamp(-qmax, qmax)
     else:
@@ -66,23 +51,16 @@ def _requantize(h: Tensor, kind: str, dynamic: bool, qmax: float, heads: int, gr
     return q, scale
 
 
-def _unview(v: Tensor, kind: str, s_n: Tensor) -> Tensor:
-    """The quantizer's view (codes x scale) back to the state (b, d, n)."""
-    if kind in ("head", "group"):
-        return v.flatten(1, 2) if kind == "head" else v.flatten(2, 3)
-    return v * s_n if kind == "dsq" else v
-
-
-def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, stochastic: bool = False):
-    """The fused token step for one quantizer layout (constants baked in). With stochastic
-    rounding, u (b, d, n) holds the step's uniform draws: floor(v / scale + u)."""
+def make_step(layout, dynamic: bool, qmax: float, stochastic: bool = False):
+    """The fused token step for one quantizer layout (a `StateLayout`; constants baked in). With
+    stochastic rounding, u (b, d, n) holds the step's uniform draws: floor(v / scale + u)."""
 
     def step(h: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              s_n: Tensor, static: Tensor, u: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         b, d = x.shape
         h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * per_channel(B, d)   # (b, d, n)
-        q, scale = _requantize(h, kind, dynamic, qmax, heads, group, s_n, static, u)
-        h = _unview(q * scale, kind, s_n)                                   # quantize -> dequantize
+        q, scale = _requantize(h, layout, dynamic, qmax, s_n, static, u)
+        h = layout.unview(q * scale, s_n)                                   # quantize -> dequantize
         y = (h * per_channel(C, d)).sum(-1)                                # (b, d)
         return h, y
 
@@ -90,28 +68,21 @@ def make_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, sto
     return step
 
 
-def make_cache_step(kind: str, dynamic: bool, qmax: float, heads: int, group: int, stochastic: bool,
-                    per_byte: int):
+def make_cache_step(layout, dynamic: bool, qmax: float, stochastic: bool, per_byte: int):
     """The token step on a stored integer state: codes (b, d, n / per_byte) uint8 (two 4-bit or
     four 2-bit codes per byte) or (b, d, n) int8 (per_byte = 1), scales float16 in the
-    quantizer's dynamic shape (unused when static). Returns the new codes, the new scales and
+    layout's dynamic shape (unused when static). Returns the new codes, the new scales and
     y (b, d) (without D x)."""
 
     def step(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              s_n: Tensor, static: Tensor, u: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
         b, d = x.shape
-        q = unpack_codes(codes, per_byte, B.shape[-1]).float()              # (b, d, n)
-        if kind == "head":
-            q = q.unflatten(1, (heads, d // heads))
-        elif kind == "group":
-            q = q.unflatten(2, (q.shape[-1] // group, group))
-        h = _unview(q * (scales.float() if dynamic else static), kind, s_n)  # read
+        q = layout.split(unpack_codes(codes, per_byte, B.shape[-1]).float())     # (b, d, n) viewed
+        h = layout.unview(q * (scales.float() if dynamic else static), s_n)      # read
         h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * per_channel(B, d)
-        q, scale = _requantize(h, kind, dynamic, qmax, heads, group, s_n, static, u)
-        y = (_unview(q * scale, kind, s_n) * per_channel(C, d)).sum(-1)    # (b, d)
-        if kind in ("head", "group"):
-            q = q.flatten(1, 2) if kind == "head" else q.flatten(2, 3)
-        q = q.to(torch.int8)
+        q, scale = _requantize(h, layout, dynamic, qmax, s_n, static, u)
+        y = (layout.unview(q * scale, s_n) * per_channel(C, d)).sum(-1)         # (b, d)
+        q = layout.merge(q).to(torch.int8)
         return pack_codes(q, per_byte), (scale.half() if dynamic else scales), y
 
     _EAGER.add(step)
@@ -124,8 +95,7 @@ def compile_enabled() -> bool:
 
 
 def _layout(q, device: torch.device) -> tuple:
-    return (q.kind, q.scale_mode == "dynamic", float(q.qmax), q.d // q.headdim, q.group_size,
-            q.rounding == "stochastic")
+    return (q.layout, q.scale_mode == "dynamic", float(q.qmax), q.rounding == "stochastic")
 
 
 def _own_inductor_cache() -> None:
@@ -172,13 +142,13 @@ def _compiled(key: tuple, eager):
 def _step_for(q, device: torch.device):
     key = _layout(q, device)
     eager = make_step(*key)
-    return _compiled(("scan", *key, device.type), eager), eager
+    return _compiled(("scan", key[0].key, *key[1:], device.type), eager), eager
 
 
 def _cache_step_for(q, device: torch.device):
     key = (*_layout(q, device), codes_per_byte(q.bits, dense=True))
     eager = make_cache_step(*key)
-    return _compiled(("cache", *key, device.type), eager), eager
+    return _compiled(("cache", key[0].key, *key[1:], device.type), eager), eager
 
 
 _CHECKED: set = set()
@@ -229,28 +199,19 @@ def _checked_step(q, device, args) -> object:
 
 def use_cpu_kernel(q, x: Tensor) -> bool:
     """The C kernel covers every state quantizer whose scale factors per row into a channel part
-    and a state part: DSQ and per-channel (static or dynamic), per-tensor, per-state-index and
-    per-head (static); round to nearest, on CPU, where the kernel registry has a dsq_scan
-    (`qmamba.kernels.forced("torch")` switches it off, for tests)."""
-    ok = q.kind in ("dsq", "channel") or (q.scale_mode == "static" and q.kind in ("tensor", "state", "head"))
+    and a state part (the scale modes of its layout's `kernel_modes`: DSQ and per-channel, static
+    or dynamic; per-tensor, per-state-index and per-head, static); round to nearest, on CPU,
+    where the kernel registry has a dsq_scan (`qmamba.kernels.forced("torch")` switches it off,
+    for tests)."""
+    ok = q.scale_mode in q.layout.kernel_modes
     return (ok and x.device.type == "cpu" and q.rounding == "nearest"
             and kernel_lookup("dsq_scan", x.device.type) is not None)
 
 
 def _kernel_scales(q) -> tuple[Tensor, Tensor]:
-    """The quantizer's scales as the kernel's state-axis s_n (n,) and channel s_c (d, 1):
-    q = round(h / s_n / s_c) is exactly the quantizer's own rounding (dividing by 1 is exact)."""
-    static = q.static_scale.detach().clamp(min=1e-12)
-    ones_n, ones_d = torch.ones(q.n, device=static.device), torch.ones(q.d, 1, device=static.device)
-    if q.kind == "dsq":
-        return q.s_n.detach(), static
-    if q.kind == "channel":
-        return ones_n, static
-    if q.kind == "tensor":
-        return ones_n, static.reshape(1, 1).expand(q.d, 1)
-    if q.kind == "state":
-        return static.reshape(q.n), ones_d
-    return ones_n, static.reshape(-1, 1).repeat_interleave(q.headdim, dim=0)       # head
+    """The quantizer's scales as the kernel's state-axis s_n (n,) and channel s_c (d, 1) (the
+    layout's `kernel_scales`)."""
+    return q.layout.kernel_scales(q.static_scale.detach().clamp(min=1e-12), q.s_n.detach())
 
 
 def kernel_scan(state, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:

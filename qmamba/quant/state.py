@@ -2,7 +2,8 @@
 
 Shapes use the glossary of `qmamba.models.scan.reference`: the state is h (b, d, n), d channels (Mamba2:
 h heads x p head dim) and n state indices. Every quantizer is symmetric with codes in
-[-qmax, qmax], and differs only in how its scale is shared:
+[-qmax, qmax], and differs only in how its scale is shared (its layout, one class per kind in
+`qmamba.quant.state_layout`):
 
     tensor   s            one scale per layer (static) or per sequence (dynamic)
     channel  s[d]         per channel, shared along the state axis
@@ -36,17 +37,13 @@ from torch import Tensor, nn
 from ..errors import QMambaError
 from .primitives import EPS, qrange
 from .state_cache import QuantizedSSMState
+from .state_layout import make_layout
 from .state_scan import quantized_state_scan
 
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 DSQ_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 MAX_SAMPLES = 64            # calibration state snapshots kept per layer for scale search
 SAMPLE_BUDGET = 1 << 23     # ... and at most this many floats of them
-
-
-def _fp16_scale(s: Tensor) -> Tensor:
-    """Round a dynamic scale to what float16 storage keeps (never to zero, never to inf)."""
-    return s.clamp(2.0 ** -24, 65504.0).half().float()
 
 
 class StateQuantizer(nn.Module):
@@ -57,12 +54,10 @@ class StateQuantizer(nn.Module):
                  scale_mode: str = "dynamic", rounding: str = "nearest", group_size: int = 8,
                  seed: int = 0, where: str = ""):
         super().__init__()
-        if kind == "group" and n % group_size:
-            raise QMambaError(f"state group size {group_size} does not divide d_state {n}")
-        if kind == "head" and d % headdim:
-            raise QMambaError(f"head dim {headdim} does not divide {d} channels")
+        # the kind's scale layout (`qmamba.quant.state_layout`): views, scale shapes, kernel split
+        self.layout = make_layout(kind, d, n, headdim=headdim, group_size=group_size)
         self.kind, self.bits, self.d, self.n = kind, bits, d, n
-        self.headdim = headdim if kind == "head" else 1
+        self.headdim = self.layout.headdim
         self.scale_mode, self.rounding, self.group_size, self.where = scale_mode, rounding, group_size, where
         self.qmax = qrange(bits)[1]
         self.mode = "quant"
@@ -72,9 +67,9 @@ class StateQuantizer(nn.Module):
         # observed, empty until then (a quantized model loaded or built for decoding has none)
         self.register_buffer("amax", torch.zeros(0), persistent=False)
         # DSQ state-axis scale (learnable by ESR; geometric mean 1) and the static scale, whose
-        # shape depends on the kind (see `_static_shape`); a clip factor shrinks static ranges
+        # shape is the layout's; a clip factor shrinks static ranges
         self.s_n = nn.Parameter(torch.ones(n), requires_grad=False)
-        self.static_scale = nn.Parameter(torch.ones(self._static_shape()), requires_grad=False)
+        self.static_scale = nn.Parameter(torch.ones(self.layout.static_shape()), requires_grad=False)
         self._samples: list[Tensor] = []
         self._seen = 0
 
@@ -82,52 +77,22 @@ class StateQuantizer(nn.Module):
         return f"H{self.bits} {self.kind}, {self.scale_mode} scales, {self.rounding} rounding"
 
     # ---------------------------------------------------------------- scale layout
-    def _static_shape(self) -> tuple:
-        d, n = self.d, self.n
-        return {
-            "tensor": (1, 1), "channel": (d, 1), "state": (1, n), "head": (d // self.headdim, 1, 1),
-            "group": (d, n // self.group_size, 1), "dsq": (d, 1),
-        }[self.kind]
-
     def dynamic_shape(self, batch: int) -> tuple:
         """Shape of the per-write scales stored for a batch (empty when scales are static)."""
         if self.scale_mode == "static":
             return (batch, 0)
-        d, n = self.d, self.n
-        return {
-            "tensor": (batch, 1, 1), "channel": (batch, d, 1), "state": (batch, 1, n),
-            "head": (batch, d // self.headdim, 1, 1), "group": (batch, d, n // self.group_size, 1),
-            "dsq": (batch, d, 1),
-        }[self.kind]
+        return self.layout.dynamic_shape(batch)
 
     def _view(self, h: Tensor) -> Tensor:
         """h (b, d, n) in the layout its scale broadcasts against."""
-        if self.kind == "head":
-            return h.unflatten(1, (self.d // self.headdim, self.headdim))  # (b, h, p, n)
-        if self.kind == "group":
-            return h.unflatten(2, (self.n // self.group_size, self.group_size))  # (b, d, n/gs, gs)
-        if self.kind == "dsq":
-            return h / self.s_n                                             # (b, d, n), s_n divided out
-        return h
+        return self.layout.view(h, self.s_n)
 
     def _unview(self, v: Tensor) -> Tensor:
-        if self.kind == "head":
-            return v.flatten(1, 2)
-        if self.kind == "group":
-            return v.flatten(2, 3)
-        if self.kind == "dsq":
-            return v * self.s_n
-        return v
-
-    def _reduce_dims(self) -> tuple:
-        """Dims of the viewed state that share one scale (excluding batch)."""
-        return {"tensor": (1, 2), "channel": (2,), "state": (1,), "head": (2, 3), "group": (3,),
-                "dsq": (2,)}[self.kind]
+        return self.layout.unview(v, self.s_n)
 
     def dynamic_scale(self, h: Tensor) -> Tensor:
         """Per-write scale of h (b, d, n), rounded to float16 as stored."""
-        amax = self._view(h).abs().amax(dim=self._reduce_dims(), keepdim=True)
-        return _fp16_scale(amax / self.qmax)
+        return self.layout.dynamic_scale(self._view(h), self.qmax)
 
     def scale_for(self, h: Tensor) -> Tensor:
         """The scale of the viewed state: per-write or static."""
@@ -156,23 +121,11 @@ class StateQuantizer(nn.Module):
         """h (b, d, n) float -> codes (b, d, n) int8 and the per-write scale (None if static)."""
         scale = self.scale_for(h)
         v = self._round(self._view(h.float()) / scale).clamp(-self.qmax, self.qmax)
-        return self._unview_codes(v).to(torch.int8), (scale if self.scale_mode == "dynamic" else None)
-
-    def _unview_codes(self, v: Tensor) -> Tensor:
-        if self.kind == "head":
-            return v.flatten(1, 2)
-        if self.kind == "group":
-            return v.flatten(2, 3)
-        return v
+        return self.layout.merge(v).to(torch.int8), (scale if self.scale_mode == "dynamic" else None)
 
     def dequantize(self, codes: Tensor, scale: Optional[Tensor]) -> Tensor:
         s = self.static_scale.clamp(min=EPS) if scale is None else scale.float()
-        v = codes.float()
-        if self.kind == "head":
-            v = v.unflatten(1, (self.d // self.headdim, self.headdim))
-        elif self.kind == "group":
-            v = v.unflatten(2, (self.n // self.group_size, self.group_size))
-        return self._unview(v * s)
+        return self._unview(self.layout.split(codes.float()) * s)
 
     def fake_quant(self, h: Tensor) -> Tensor:
         """quantize -> dequantize, differentiable (straight-through) for reconstruction."""
@@ -222,7 +175,7 @@ class StateQuantizer(nn.Module):
     def _static_from(self, amax: Tensor) -> Tensor:
         """Static (unclipped) scale of the viewed state from the amax map (d, n)."""
         v = self._view(amax.unsqueeze(0))[0]
-        dims = tuple(d - 1 for d in self._reduce_dims())
+        dims = tuple(d - 1 for d in self.layout.reduce_dims)
         return v.amax(dim=dims, keepdim=True) / self.qmax
 
     @torch.no_grad()
@@ -244,7 +197,7 @@ class StateQuantizer(nn.Module):
         samples = torch.stack(self._samples).to(self.amax.device) if self._samples else None
         amax = self.amax.clamp(min=EPS)
         self.mode = "quant"
-        if self.kind == "dsq":
+        if self.layout.uses_s_n:
             col = amax.amax(0)                                               # (n,) max over channels
             best = None
             for alpha in DSQ_ALPHA_GRID:

@@ -550,7 +550,7 @@ def test_dynamic_error_within_half_a_step(kind, bits):
     q = calibrated(kind, "dynamic", bits, h)
     err = (q.fake_quant(h) - h).abs()
     v = q._view(h)
-    exact = v.abs().amax(dim=q._reduce_dims(), keepdim=True) / q.qmax        # before float16
+    exact = v.abs().amax(dim=q.layout.reduce_dims, keepdim=True) / q.qmax     # before float16
     s = q._unview(exact.expand_as(v).clone()) if kind != "dsq" else exact * q.s_n.detach()
     assert ((exact.half().float() - exact).abs() <= exact * 2 ** -11).all()   # normal float16 range here
     assert (err <= s * (0.5 + q.qmax * 2 ** -11) + 1e-6 * h.abs()).all()
