@@ -60,24 +60,26 @@ def runnable() -> tuple[str, ...]:
     return tuple(isa for isa in ISAS[:ISAS.index(cap) + 1] if all(f in flags for f in FEATURES[isa]))
 
 
-def missing(isa: str) -> list[str]:
-    """What this CPU (as PyTorch lets us see it) lacks for `isa`."""
+def why_not(isa: str) -> Optional[str]:
+    """Why this CPU (as PyTorch lets us see it) cannot run `isa`; None if it can."""
     if isa != "portable" and not is_x86():
-        return [f"x86-64 (this is {platform.machine()})"]
+        return f"not an x86-64 CPU ({platform.machine()})"
     lacking = [f for f in FEATURES[isa] if f not in cpu_flags()]
-    if not lacking and isa not in runnable():
-        lacking = [f"PyTorch's CPU capability ({torch.backends.cpu.get_cpu_capability()})"]
-    return lacking
+    if lacking:
+        return f"the CPU lacks {', '.join(lacking)}"
+    if isa not in runnable():
+        return f"PyTorch's CPU capability is {torch.backends.cpu.get_cpu_capability()}"
+    return None
 
 
 def check(isa: str, source: str = ENV) -> str:
     """`isa` if it names a build this CPU runs; otherwise a one-line QMambaError."""
     if isa not in ISAS:
         raise QMambaError(f"{source}={isa}: expected one of {', '.join(ISAS)}")
-    lacking = missing(isa)
-    if lacking:
-        raise QMambaError(f"{source}={isa}: this CPU lacks {', '.join(lacking)} "
-                          f"(it runs: {', '.join(runnable())})")
+    why = why_not(isa)
+    if why:
+        raise QMambaError(f"{source}={isa}: not available here ({why}); this machine runs: "
+                          f"{', '.join(runnable())}")
     return isa
 
 

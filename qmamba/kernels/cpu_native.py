@@ -400,7 +400,7 @@ def error(isa: str) -> Optional[str]:
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"disabled by {DISABLE_ENV}"
     if isa not in cpu_features.runnable():
-        return f"this CPU lacks {', '.join(cpu_features.missing(isa))}"
+        return cpu_features.why_not(isa)
     return _errors.get(isa)
 
 

@@ -122,8 +122,8 @@ def available_impls(op: str, device: str = "cpu") -> list[str]:
 @contextlib.contextmanager
 def forced(what: str, ops: Optional[tuple[str, ...]] = None) -> Iterator[None]:
     """Within the block, `lookup` returns None for `what` = "torch" (the callers' PyTorch paths),
-    or at most the C build `what` ("portable", "avx2", ...; refused if the CPU lacks it); `ops`
-    limits it to some operations."""
+    or at most the C build `what` ("portable", "avx2", ...; refused if the CPU lacks it; it takes
+    precedence over $QMAMBA_CPU_ISA); `ops` limits it to some operations; the innermost wins."""
     if what != "torch":
         cpu_features.check(what, "forced ISA")
     unknown = set(ops or ()) - set(OPS)
