@@ -12,7 +12,7 @@ block (`ModelConfig.layer_types`). The mixer class of a layer type (registered i
                       quantizer serves a group: the linears of a group read the same tensor)
     smoothing_pairs() producer -> linears pairs where a per-input-channel scale folds exactly
                       into the producer (SmoothQuant); paths relative to the block
-    states()          the recurrent state it keeps per sequence (conv, SSM; later a KV cache)
+    states()          the recurrent state it keeps per sequence (conv, SSM; the KV cache per token)
     LEARNABLE         optional float parameters a reconstruction may train (e.g. the dt bias),
                       by option name
 
@@ -49,15 +49,18 @@ class SmoothingPair:
 
 @dataclass(frozen=True)
 class StateSpec:
-    """A recurrent state a layer keeps for each sequence. kind: "conv" | "ssm" (later "kv");
-    shape: per sequence; headdim: channels that share one head (the SSM state of Mamba2)."""
+    """A recurrent state a layer keeps for each sequence. kind: "conv" | "ssm" | "kv"; shape:
+    per sequence, or per token of context where `per_token` (the keys and values of attention:
+    (2, kv_heads, head_dim)); headdim: channels that share one head (the SSM state of Mamba2)."""
     kind: str
     shape: tuple[int, ...]
     headdim: int = 1
+    per_token: bool = False
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        """Elements per sequence; 0 for a state that grows with the context (`per_token`)."""
+        return 0 if self.per_token else math.prod(self.shape)
 
 
 def get_path(root: nn.Module, path: str):

@@ -10,11 +10,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import QMambaError
+from .attention import AttentionMixer
 from .config import ModelConfig
+from .feedforward import MLPMixer, MoEMixer
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 
-LAYER_TYPES: dict[str, type[nn.Module]] = {cls.LAYER_TYPE: cls for cls in (Mamba1Mixer, Mamba2Mixer)}
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    cls.LAYER_TYPE: cls for cls in (Mamba1Mixer, Mamba2Mixer, AttentionMixer, MLPMixer, MoEMixer)}
 
 
 def build_mixer(cfg: ModelConfig, layer_type: str) -> nn.Module:

@@ -38,17 +38,24 @@ class Block(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_mixer(cfg, layer_type)
+        # Granite-4.0-H: residual + residual_multiplier * mixer(norm(residual))
+        self.residual_multiplier = float(cfg.hybrid.get("residual_multiplier", 1.0))
 
     def _residual(self, hidden: Tensor) -> Tensor:
         return hidden.float() if self.residual_in_fp32 else hidden
 
+    def _add(self, hidden: Tensor, out: Tensor) -> Tensor:
+        if self.residual_multiplier != 1.0:
+            out = out * self.residual_multiplier
+        return self._residual(hidden) + out
+
     def forward(self, hidden: Tensor, state=None) -> Tensor:
         out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state)
-        return self._residual(hidden) + out
+        return self._add(hidden, out)
 
     def step(self, hidden: Tensor, state) -> Tensor:
         out = self.mixer.step(self.norm(hidden.to(self.norm.weight.dtype)), state)
-        return self._residual(hidden) + out
+        return self._add(hidden, out)
 
 
 class Backbone(nn.Module):
@@ -60,7 +67,7 @@ class Backbone(nn.Module):
 
 
 class MambaLM(nn.Module):
-    """Mamba / Mamba2 causal LM (one layer type per block: `cfg.layer_types`). `forward` is the parallel path (prompts, training, evaluation),
+    """Mamba / Mamba2 / hybrid causal LM (one layer type per block: `cfg.layer_types`). `forward` is the parallel path (prompts, training, evaluation),
     `step` the recurrent one (decoding), both through an optional `InferenceCache`."""
 
     def __init__(self, cfg: ModelConfig):
@@ -88,16 +95,23 @@ class MambaLM(nn.Module):
     def mixers(self):
         return [layer.mixer for layer in self.backbone.layers]
 
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        hidden = self.backbone.embeddings(input_ids)
+        mult = self.config.hybrid.get("embedding_multiplier", 1.0)
+        return hidden * mult if mult != 1.0 else hidden
+
     def _head(self, hidden: Tensor) -> Tensor:
         hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        scaling = self.config.hybrid.get("logits_scaling", 1.0)     # Granite divides the logits
+        return (logits / scaling if scaling != 1.0 else logits).float()
 
     def forward(self, input_ids: Tensor, cache: Optional[InferenceCache] = None,
                 return_hidden: bool = False, logits_to_keep: int = 0) -> Tensor:
         """input_ids (b, l) -> logits (b, l, vocab) in float32. A cache is read and advanced.
         `logits_to_keep` > 0 computes only the last that many positions' logits (a prompt
         before generation needs one), as transformers' argument of that name does."""
-        hidden = self.backbone.embeddings(input_ids)                        # (b, l, d_model)
+        hidden = self._embed(input_ids)                                     # (b, l, d_model)
         for i, layer in enumerate(self.backbone.layers):
             hidden = layer(hidden, None if cache is None else cache[i])
         if cache is not None:
@@ -109,7 +123,7 @@ class MambaLM(nn.Module):
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
         """One token per sequence. input_ids (b,) or (b, 1) -> logits (b, vocab) in float32."""
-        hidden = self.backbone.embeddings(input_ids.reshape(-1))            # (b, d_model)
+        hidden = self._embed(input_ids.reshape(-1))                         # (b, d_model)
         for i, layer in enumerate(self.backbone.layers):
             hidden = layer.step(hidden, cache[i])
         cache.seqlen += 1

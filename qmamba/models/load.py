@@ -7,7 +7,8 @@ Formats of a folder (told apart by its config.json):
     `load_quantized` builds (`qmamba.load` passes `qmamba.methods.checkpoint.load_quantized`).
 Weights, first found wins: model.safetensors.index.json (shards), model.safetensors,
 pytorch_model.bin.index.json (shards), pytorch_model.bin. mamba_ssm's key
-`backbone.embedding.weight` is renamed to transformers' `backbone.embeddings.weight`.
+`backbone.embedding.weight` is renamed to transformers' `backbone.embeddings.weight`; the names of
+the hybrids (Nemotron-H, Granite-4.0-H) are mapped by `hybrid_weights`.
 
 The model is built on the `meta` device and the checkpoint tensors are assigned to it
 (`load_state_dict(assign=True)`, the gpt-fast pattern), so weights are never allocated twice.
@@ -30,7 +31,9 @@ from ..errors import QMambaError
 from ..utils.io import read_json
 from .budget import (MANY_LAYERS, META_BYTES_PER_LAYER, MIN_QUANT_BYTES_PER_PARAM, check_bytes,
                      describe_size, human, model_size)
-from .config import ModelConfig, from_hf_dict, from_mamba_ssm_dict
+import re
+
+from .config import HYBRID_MODEL_TYPES, ModelConfig, from_hf_dict, from_mamba_ssm_dict
 from .hf_compat import tied_head
 from .lm import MambaLM
 
@@ -115,6 +118,70 @@ def read_weights(folder: Path) -> StateDict:
     for path in weight_files(folder):
         sd.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_bin(path))
     return {RENAMES.get(k, k): v for k, v in sd.items()}
+
+
+_GRANITE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_GRANITE_PARTS = (("input_layernorm.", 0, "norm."), ("mamba.", 0, "mixer."), ("self_attn.", 0, "mixer."),
+                  ("post_attention_layernorm.", 1, "norm."), ("shared_mlp.input_linear.", 1, None),
+                  ("shared_mlp.output_linear.", 1, None), ("block_sparse_moe.router.layer.", 1, "mixer.gate."))
+_FUSED_EXPERTS = re.compile(r"(.+\.experts)\.(up_proj|down_proj|gate_up_proj)$")
+
+
+def hybrid_weights(cfg: ModelConfig, sd: StateDict) -> StateDict:
+    """A hybrid checkpoint's tensors under qmamba's names (already qmamba's: unchanged).
+
+    Nemotron-H: `backbone.*` (or `model.*`) as qmamba names them, routed experts one linear each
+    (`mixer.experts.{i}.up_proj.weight`; 3-D `mixer.experts.up_proj` are split); multi-token
+    prediction heads (`mtp.*`) are dropped. Granite-4.0-H: layer i of the checkpoint is blocks
+    2i (input_layernorm, mamba or self_attn) and 2i+1 (post_attention_layernorm, the MoE and
+    shared MLP); `block_sparse_moe.input_linear` / `output_linear` (experts, out, in) become
+    `experts.{i}.up_proj` / `down_proj`, `shared_mlp` `shared_experts` (or the `mlp` layer itself
+    where there are no experts), `router.layer` `gate`; `model.embed_tokens` / `model.norm` are
+    `backbone.embeddings` / `backbone.norm_f`."""
+    out: StateDict = {}
+    if cfg.model_type == "nemotron_h":
+        for k, v in sd.items():
+            if k.startswith("mtp."):
+                continue
+            k = "backbone." + k[len("model."):] if k.startswith("model.") else k
+            m = _FUSED_EXPERTS.match(k)
+            if m and v.dim() == 3:
+                for i in range(v.shape[0]):
+                    out[f"{m.group(1)}.{i}.{m.group(2)}.weight"] = v[i]
+                continue
+            out[k] = v
+        return out
+    moe = cfg.hybrid["n_experts"] > 0
+    for k, v in sd.items():
+        if k.startswith("backbone.") or k == LM_HEAD:
+            out[k] = v
+            continue
+        if k == "model.embed_tokens.weight":
+            out[EMBEDDINGS] = v
+            continue
+        if k == "model.norm.weight":
+            out["backbone.norm_f.weight"] = v
+            continue
+        m = _GRANITE.match(k)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            if rest.startswith("block_sparse_moe.") and rest.endswith(("input_linear.weight", "output_linear.weight")):
+                name = "up_proj" if "input_linear" in rest else "down_proj"
+                for e in range(v.shape[0]):
+                    out[f"backbone.layers.{2 * i + 1}.mixer.experts.{e}.{name}.weight"] = v[e]
+                continue
+            for prefix, offset, new in _GRANITE_PARTS:
+                if rest.startswith(prefix):
+                    if new is None:                                          # the shared MLP
+                        lin = "up_proj" if "input_linear" in prefix else "down_proj"
+                        new = f"mixer.shared_experts.{lin}." if moe else f"mixer.{lin}."
+                    out[f"backbone.layers.{2 * i + offset}.{new}{rest[len(prefix):]}"] = v
+                    break
+            else:
+                out[k] = v                                                   # reported as unexpected
+            continue
+        out[k] = v
+    return out
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -206,6 +273,8 @@ def load_folder(folder, dtype: torch.dtype = torch.float32, device: Union[str, t
     fmt = detect_format(raw)
     cfg = model_config(raw, fmt)
     sd = read_weights(folder)
+    if cfg.model_type in HYBRID_MODEL_TYPES:
+        sd = hybrid_weights(cfg, sd)
     if fmt == "hf":                     # 5.x configs may be silent on tying (hf_compat.tied_head)
         tie = tied_head(raw, sd, cfg.tie_embeddings, LM_HEAD, EMBEDDINGS)
         if tie != cfg.tie_embeddings:

@@ -34,7 +34,9 @@ def test_layer_types_derive_from_arch_and_build_the_blocks(arch):
 def test_bad_layer_types():
     with pytest.raises(QMambaError, match="2 layer types for 3 layers"):
         cfg("mamba2", layer_types=["mamba2", "mamba2"])
-    with pytest.raises(QMambaError, match="unknown layer type 'attention'"):
+    with pytest.raises(QMambaError, match="unknown layer type 'conv'"):
+        MambaLM(cfg("mamba2", layer_types=["mamba2", "conv", "mamba2"]))
+    with pytest.raises(QMambaError, match="not a multiple of"):     # attention without its sizes
         MambaLM(cfg("mamba2", layer_types=["mamba2", "attention", "mamba2"]))
 
 
