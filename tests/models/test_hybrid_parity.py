@@ -194,3 +194,81 @@ def test_hybrid_config_reads_patterns():
     assert cfg.to_hf()["hybrid_override_pattern"] == "M-*E"            # the source config, written back
     cfg = from_hf_dict({**GRAN, "layer_types": ["attention", "mamba"], "num_local_experts": 0})
     assert cfg.layer_types == ["attention", "mlp", "mamba2", "mlp"] and cfg.n_layer == 4
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_hybrid_hub_id_from_cache(tmp_path, monkeypatch):
+    """A hub id whose (sharded) snapshot is in the local cache loads like a folder."""
+    import shutil
+
+    from huggingface_hub import constants
+    folder = tmp_path / "src"
+    granite(folder, n_groups=1).save_pretrained(folder, max_shard_size="20KB")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--owner--tiny-granite"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    loaded = qmamba.load("owner/tiny-granite")
+    assert loaded.model.config.model_type == "granitemoehybrid"
+    assert (repo / "snapshots" / sha / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "granitemoehybrid"])
+def test_hybrid_cli_generate_and_eval(family, tmp_path, tokenizer_dir, tokenizer_vocab, capsys):
+    """`qmamba generate` and `qmamba eval` on a tiny hybrid with the project tokenizer; a bad
+    hybrid config is exit status 2 with one line."""
+    import shutil
+
+    from qmamba.cli import main
+    from qmamba.utils import paths
+    if family == "nemotron_h" and not HAS_NEMOTRON:
+        pytest.skip("transformers has no nemotron_h")
+    make = nemotron if family == "nemotron_h" else granite
+    make(tmp_path, vocab_size=tokenizer_vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, tmp_path / name)
+    assert main(["generate", str(tmp_path), "--prompt", "Sir Walter Elliot", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Sir Walter Elliot")
+    text = tmp_path / "sample.txt"
+    text.write_text(paths.TEST_TEXT.read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path), "--ppl", str(text), "--seqlen", "32", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["perplexity"] > 1
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["layer_types" if family == "granitemoehybrid" else "layers_block_type"] = ["mamba", "transformer"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path), "--prompt", "Sir", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown layer type 'transformer'" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "granitemoehybrid"])
+def test_hybrid_rtn_w8a8_from_declarations(family, tmp_path):
+    """RTN W8A8 quantizes every declared linear of every layer type (attention, MLP, experts);
+    the router stays float, and decoding still equals the parallel forward."""
+    from qmamba.models.layer_spec import get_path, quantizable_linears
+    from qmamba.quant.linear import QLinear
+    if family == "nemotron_h" and not HAS_NEMOTRON:
+        pytest.skip("transformers has no nemotron_h")
+    (nemotron if family == "nemotron_h" else granite)(tmp_path)
+    model = qmamba.load(tmp_path).model
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids)
+    calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    qmamba.quantize(model, "w8a8", method="rtn", calib=calib, progress=False)
+    for block in model.layers:
+        for name in quantizable_linears(block.mixer):
+            assert isinstance(get_path(block.mixer, name), QLinear), (block.layer_type, name)
+        if block.layer_type == "moe":
+            assert isinstance(block.mixer.gate.weight, torch.nn.Parameter)
+    with torch.no_grad():
+        out = model(ids)
+        cache = model.allocate_cache(2)
+        step = torch.stack([model.step(ids[:, t], cache) for t in range(LENGTH)], dim=1)
+    assert 0 < rel(out, ref) < 0.5
+    assert rel(step, out) <= BOUND
