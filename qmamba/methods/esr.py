@@ -136,7 +136,7 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
     layers = model.backbone.layers
     records: list[dict] = []
     with torch.no_grad():
-        X_fp = model.backbone.embeddings(ids).float().to(work)             # (N, L, d_model)
+        X_fp = model.embed(ids).float().to(work)                            # (N, L, d_model)
     X_q = X_fp.clone()
     start = 0
     if resume_dir is not None:

@@ -95,7 +95,8 @@ class MambaLM(nn.Module):
     def mixers(self):
         return [layer.mixer for layer in self.backbone.layers]
 
-    def _embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The input of the first block: the embeddings (times Granite's embedding_multiplier)."""
         hidden = self.backbone.embeddings(input_ids)
         mult = self.config.hybrid.get("embedding_multiplier", 1.0)
         return hidden * mult if mult != 1.0 else hidden
@@ -111,7 +112,7 @@ class MambaLM(nn.Module):
         """input_ids (b, l) -> logits (b, l, vocab) in float32. A cache is read and advanced.
         `logits_to_keep` > 0 computes only the last that many positions' logits (a prompt
         before generation needs one), as transformers' argument of that name does."""
-        hidden = self._embed(input_ids)                                     # (b, l, d_model)
+        hidden = self.embed(input_ids)                                     # (b, l, d_model)
         for i, layer in enumerate(self.backbone.layers):
             hidden = layer(hidden, None if cache is None else cache[i])
         if cache is not None:
@@ -123,7 +124,7 @@ class MambaLM(nn.Module):
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
         """One token per sequence. input_ids (b,) or (b, 1) -> logits (b, vocab) in float32."""
-        hidden = self._embed(input_ids.reshape(-1))                         # (b, d_model)
+        hidden = self.embed(input_ids.reshape(-1))                         # (b, d_model)
         for i, layer in enumerate(self.backbone.layers):
             hidden = layer.step(hidden, cache[i])
         cache.seqlen += 1

@@ -249,7 +249,8 @@ def test_hybrid_cli_generate_and_eval(family, tmp_path, tokenizer_dir, tokenizer
 @pytest.mark.parametrize("family", ["nemotron_h", "granitemoehybrid"])
 def test_hybrid_rtn_w8a8_from_declarations(family, tmp_path):
     """RTN W8A8 quantizes every declared linear of every layer type (attention, MLP, experts);
-    the router stays float, and decoding still equals the parallel forward."""
+    the router stays float, decoding still equals the parallel forward, and the saved qmamba
+    checkpoint reloads bit for bit."""
     from qmamba.models.layer_spec import get_path, quantizable_linears
     from qmamba.quant.linear import QLinear
     if family == "nemotron_h" and not HAS_NEMOTRON:
@@ -272,3 +273,30 @@ def test_hybrid_rtn_w8a8_from_declarations(family, tmp_path):
         step = torch.stack([model.step(ids[:, t], cache) for t in range(LENGTH)], dim=1)
     assert 0 < rel(out, ref) < 0.5
     assert rel(step, out) <= BOUND
+    # a qmamba checkpoint of it reloads to the same numbers
+    from qmamba.quant.checkpoint import save_quantized
+    save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        again = qmamba.load(tmp_path / "q").model(ids)
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "quamba", "qmamba"])
+def test_granite_h_other_methods_run(method, tmp_path):
+    """SmoothQuant (the MoE smoothing pair scales the float router too), Quamba and Q-Mamba's
+    ESR (whose block inputs include Granite's embedding multiplier) run on a hybrid; decode
+    equals the forward."""
+    granite(tmp_path)
+    model = qmamba.load(tmp_path).model
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(3))
+    calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids)
+    qmamba.quantize(model, "w8a8" if method == "smoothquant" else "w8a8h8", method=method, calib=calib,
+                    progress=False)
+    with torch.no_grad():
+        out = model(ids)
+        cache = model.allocate_cache(2)
+        step = torch.stack([model.step(ids[:, t], cache) for t in range(LENGTH)], dim=1)
+    assert 0 < rel(out, ref) < 0.5
+    assert rel(step, out) <= 1e-4

@@ -147,7 +147,7 @@ def collect(model, ids: Tensor, layers: Optional[Sequence[int]] = None, batch_si
         # progress: a bar on a terminal only (tqdm's disable=None)
         for s in tqdm(range(0, len(ids), batch_size), desc="inspect", unit="batch",
                       disable=None if progress else True, leave=False):
-            hidden = model.backbone.embeddings(ids[s:s + batch_size].to(device))
+            hidden = model.embed(ids[s:s + batch_size].to(device))
             for layer in model.layers[:layers[-1] + 1]:
                 hidden = layer(hidden)
     finally:
