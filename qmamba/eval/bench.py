@@ -120,7 +120,7 @@ def run_variant(model_name: str, variant: str, quant: str, method: str, batch: i
             decode.append(statistics.median(steps))
     w = weight_bytes(model)["total"]
     s = cache.nbytes()
-    state = s["conv"] + s["ssm"]
+    state = sum(s.values())                      # conv + SSM (+ the KV of attention layers)
     per_tok = statistics.median(decode)
     # bytes a decode step must read: every weight except the embedding table (one row per
     # sequence), plus the whole state, read and written once
