@@ -318,7 +318,7 @@ def _from_hybrid(cfg: dict) -> ModelConfig:
                 raise QMambaError("nemotron_h: only mlp_hidden_act relu2 and mamba_hidden_act silu are supported")
             heads, headdim = int(cfg.get("mamba_num_heads", 128)), int(cfg.get("mamba_head_dim", 64))
             n_heads = int(cfg.get("num_attention_heads", 32))
-            head_dim = int(cfg.get("head_dim") or d_model // n_heads)
+            head_dim = int(cfg.get("head_dim") or cfg.get("attention_head_dim") or d_model // n_heads)
             limit = cfg.get("time_step_limit", cfg.get("mamba_dt_limit", (0.0, float("inf"))))
             hybrid = dict(
                 n_heads=n_heads, n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), head_dim=head_dim,
