@@ -300,3 +300,15 @@ def test_granite_h_other_methods_run(method, tmp_path):
         step = torch.stack([model.step(ids[:, t], cache) for t in range(LENGTH)], dim=1)
     assert 0 < rel(out, ref) < 0.5
     assert rel(step, out) <= 1e-4
+
+
+def test_inspect_reads_the_mamba_layers_of_a_hybrid(tmp_path):
+    """`inspect` analyses the SSM states of a hybrid's Mamba layers (by default all of them, also
+    when the first layer is attention) and refuses a layer without one in one line."""
+    from qmamba.eval.inspect.probe import collect
+    granite(tmp_path, layer_types=["attention", "mamba", "mamba"])
+    model = qmamba.load(tmp_path).model
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert [r.index for r in collect(model, ids)] == [2, 4]
+    with pytest.raises(QMambaError, match="layer\\(s\\) 1 have no SSM state to inspect"):
+        collect(model, ids, [1, 2])

@@ -127,9 +127,15 @@ def collect(model, ids: Tensor, layers: Optional[Sequence[int]] = None, batch_si
             m.state_quant is not None for m in model.mixers()):
         raise QMambaError("inspect analyses float models; this model is already quantized")
     n_layer = len(model.layers)
-    layers = list(range(n_layer)) if layers is None else sorted(layers)
+    with_ssm = [i for i, m in enumerate(model.mixers()) if state_spec(m, "ssm") is not None]
+    layers = with_ssm if layers is None else sorted(layers)
     if not layers or layers[0] < 0 or layers[-1] >= n_layer:
         raise QMambaError(f"layers to inspect must be indices in 0..{n_layer - 1}, got {layers}")
+    other = [i for i in layers if i not in with_ssm]
+    if other:                  # attention, MLP and MoE layers of hybrids keep no SSM state
+        raise QMambaError(f"layer(s) {', '.join(map(str, other))} have no SSM state to inspect "
+                          f"(layer type {model.layers[other[0]].layer_type}); Mamba layers: "
+                          f"{', '.join(map(str, with_ssm))}")
     device = next(model.parameters()).device
     probes = []
     for i in layers:

@@ -80,7 +80,7 @@ def inspect_model(loaded, out, *, calib=None, nsamples: int = 16, seqlen: int = 
     log.info("inspect: %d sequences x %d tokens through %s", nsamples, seqlen, loaded.name)
     records = collect(model, ids, layers, batch_size=batch_size, seed=seed, progress=progress)
     add_sqnr(records, bits)
-    m0 = model.layers[0].mixer
+    m0 = model.layers[records[0].index].mixer          # the first Mamba layer (hybrids mix others in)
     name = _title(loaded.name)
     stats = {
         "model": {"name": loaded.name, "path": str(loaded.path), "arch": cfg.arch,
