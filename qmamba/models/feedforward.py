@@ -77,10 +77,12 @@ class MLPMixer(_Stateless):
 
 
 class Router(nn.Module):
-    """Top-k routing in float32. "softmax" (Granite): softmax over the top-k logits. "sigmoid"
+    """Top-k routing. "softmax" (Granite): softmax over the top-k logits (logits in the model's
+    dtype, softmax in float32). "sigmoid"
     (Nemotron-H, DeepSeek-V3's): sigmoid scores, experts chosen among the best `topk_group` of
     `n_group` groups by score + e_score_correction_bias, weights the chosen scores (normalised
-    if `norm_topk_prob`) times `routed_scaling`."""
+    if `norm_topk_prob`) times `routed_scaling`, all in float32 (the loader keeps this router's
+    tensors in float32 at any dtype, as transformers does)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -93,11 +95,11 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (T, d) -> weights (T, k) float32, expert indices (T, k)."""
+        """x (T, d) -> weights (T, k) (float32; softmax: x's dtype), expert indices (T, k)."""
+        if self.kind == "softmax":                                          # Granite: in the model's dtype
+            top, idx = F.linear(x, self.weight.to(x.dtype)).float().topk(self.top_k, dim=-1)
+            return torch.softmax(top, dim=-1).to(x.dtype), idx
         logits = F.linear(x.float(), self.weight.float())                  # (T, E)
-        if self.kind == "softmax":
-            top, idx = logits.topk(self.top_k, dim=-1)
-            return torch.softmax(top, dim=-1), idx
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         per = self.n_experts // self.n_group
@@ -151,7 +153,7 @@ class MoEMixer(_Stateless):
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             token, slot = torch.where(idx == e)
-            y = self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype)
+            y = self.experts[e](x[token]) * weights[token, slot, None]     # sigmoid: in float32
             out.index_add_(0, token, y.to(out.dtype))
         out = out.view(shape)
         if self.shared_experts is not None:

@@ -217,7 +217,10 @@ def build_model(cfg: ModelConfig, sd: StateDict, dtype: torch.dtype,
     if cfg.tie_embeddings and LM_HEAD in sd and not torch.equal(sd[LM_HEAD], sd[EMBEDDINGS]):
         raise QMambaError(f"config.json ties lm_head to the embeddings, but {source} hold a different "
                           "lm_head.weight (untie it in config.json if the head is separate)")
-    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    # Nemotron-H's sigmoid router stays in float32 at any dtype, as transformers keeps it
+    fp32 = cfg.hybrid.get("router") == "sigmoid"
+    sd = {k: v.to(device=device, dtype=torch.float32 if fp32 and ".mixer.gate." in k else
+                  dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     if cfg.tie_embeddings:
         sd[LM_HEAD] = sd[EMBEDDINGS]
     model.load_state_dict(sd, strict=True, assign=True)
