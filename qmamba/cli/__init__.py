@@ -16,6 +16,7 @@ import os
 import sys
 
 from ..errors import QMambaError
+from ..kernels import cpu_features
 
 # verb modules, in the order of `qmamba --help`
 COMMANDS = ["compare", "quantize", "eval", "generate", "memory", "inspect", "bench"]
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     restore = _exit_on_sigterm()
     try:
+        cpu_features.ceiling()          # a bad QMAMBA_CPU_ISA: one line now, not after the work
         with _threads(args):
             return int(args.func(args) or 0)
     except QMambaError as e:

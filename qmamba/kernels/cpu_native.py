@@ -376,7 +376,7 @@ def select(forced: Optional[str] = None) -> Optional[NativeKernels]:
                     if _load(isa) is not None:
                         chosen = isa
                         break
-                    log.info("qmamba: the %s C kernels are unavailable (%s)", isa, _errors[isa])
+                    log.debug("qmamba: the %s C kernels are unavailable (%s)", isa, _errors[isa])
                 if chosen is None:
                     _error = _errors[tried[0]]
                     log.warning("qmamba: C kernels unavailable, using the slower PyTorch path: %s", _error)

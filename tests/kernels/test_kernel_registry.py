@@ -227,3 +227,12 @@ def test_kernels_package_imports_nothing_above_it():
                 "print(sorted(m for m in sys.modules if m.startswith('qmamba.') and "
                 "m.split('.')[1] in ('quant', 'methods', 'eval', 'cli')))")
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
+
+def test_a_command_refuses_a_bad_isa_before_any_work():
+    """The CLI checks QMAMBA_CPU_ISA first: exit 2 and one line, not an error minutes later."""
+    r = _python("import sys\nfrom qmamba.cli import main\nsys.exit(main(['memory', 'ref-mamba2']))",
+                QMAMBA_CPU_ISA="sse9")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0] == "qmamba memory: error: QMAMBA_CPU_ISA=sse9: expected one of portable, avx2, avxvnni, avx512vnni"
