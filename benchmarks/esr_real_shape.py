@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from qmamba.api import load
+from qmamba.methods.esr import ESRConfig
 from qmamba.eval.timing import peak_rss
 from qmamba.models.lm import MambaLM, init_weights
 from qmamba.models.shapes import shape_config
 from qmamba.quant.calibrate import calibration_ids
+from qmamba.quant.sim import SIMS
 from qmamba.quantize import quantize
 from qmamba.utils.io import atomic_write_json
 
@@ -35,6 +37,7 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=16, help="calibration and ESR sequences")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration and ESR tokens per sequence")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--sim", default=ESRConfig.sim, choices=SIMS, help="ESR simulation (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -46,13 +49,13 @@ def main(argv=None):
     calib = calibration_ids(tok, None, args.nsamples, args.seqlen, 0)
     t = time.time()
     quantize(model, args.config, calib=calib, method="qmamba", progress=False,
-             method_options=dict(nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs))
+             method_options=dict(nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, sim=args.sim))
     total = time.time() - t
     with torch.no_grad():
         logits = model(calib[:2, :64])
     recs = model.quant_state.records
     out = {"shape": args.shape, "config": args.config, "params": sum(p.numel() for p in MambaLM(cfg).parameters()),
-           "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs, "threads": args.threads,
+           "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs, "sim": args.sim, "threads": args.threads,
            "quantize_seconds": round(total, 1), "esr_seconds_per_block": round(sum(r["seconds"] for r in recs) / len(recs), 2),
            "blocks": len(recs), "blocks_kept": sum(r["kept"] for r in recs), "peak_rss_mib": round(peak_rss() / 2 ** 20, 1),
            "finite_logits": bool(torch.isfinite(logits).all()), "records": recs,
