@@ -3,8 +3,9 @@
     W8A8H4  8-bit weights, 8-bit activations, 4-bit SSM state cache
     W8A8    state kept in floating point          H4      only the state
     W4A16   4-bit weights, activations in float   (a letter left out, or 16, means float)
+    W8A8H4KV8  as W8A8H4, plus an 8-bit KV cache in the attention layers of a hybrid model
 
-W and H take 2..8 bits, A 4..8, all integers, symmetric. Weights are per output channel (or in
+W and H take 2..8 bits, A 4..8, KV 8 or 4, all integers, symmetric. Weights are per output channel (or in
 groups along the input dim), activations static per-tensor (from calibration) or dynamic
 per-token, the state by one of the quantizers in `STATE_QUANTIZERS`. The config serializes into
 a checkpoint's `config.json["quantization_config"]`.
@@ -26,9 +27,10 @@ SCALE_MODES = ("dynamic", "static")
 ROUNDINGS = ("nearest", "stochastic")
 FORMAT_VERSION = 1
 
-_SPEC = re.compile(r"^(?:w(\d+))?(?:a(\d+))?(?:h(\d+))?$", re.IGNORECASE)
-SPEC_HELP = ("a WxAyHz string such as w8a8h4, w8a8, w4a16, w4a8h8 or h4 "
-             "(W and H in 2..8 bits, A in 4..8; a missing letter or 16 means floating point)")
+_SPEC = re.compile(r"^(?:w(\d+))?(?:a(\d+))?(?:h(\d+))?(?:kv(\d+))?$", re.IGNORECASE)
+KV_BITS = (8, 4)
+SPEC_HELP = ("a WxAyHz[KVb] string such as w8a8h4, w8a8, w4a16, w4a8h8, h4 or w8a8h4kv8 "
+             "(W and H in 2..8 bits, A in 4..8, KV 8 or 4; a missing letter or 16 means floating point)")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class QuantConfig:
     w_bits: Optional[int] = None          # None: floating-point weights
     a_bits: Optional[int] = None          # None: floating-point activations
     h_bits: Optional[int] = None          # None: floating-point SSM state
+    kv_bits: Optional[int] = None         # None: floating-point KV cache (attention layers of hybrids)
     w_group_size: int = 0                 # 0: per output channel; else groups along the input dim
     a_dynamic: bool = False               # False: static per-tensor; True: dynamic per-token
     a_observer: str = "minmax"            # "minmax" | "percentile" (static scales)
@@ -52,6 +55,9 @@ class QuantConfig:
             v = getattr(self, name)
             if v is not None and not lo <= v <= hi:
                 raise QMambaError(f"{name[0].upper()}{v} is not supported: {SPEC_HELP}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise QMambaError(f"KV{self.kv_bits} is not supported: the KV cache takes 8 or 4 bits "
+                              f"(or 16 for floating point)")
         if self.state_quant is not None and self.state_quant not in LAYOUTS:
             raise QMambaError(f"unknown state quantizer {self.state_quant!r}; "
                               f"choose one of {', '.join(LAYOUTS)}")
@@ -70,15 +76,16 @@ class QuantConfig:
         m = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
         if not m or not any(m.groups()):
             raise QMambaError(f"bad quantization config {spec!r}: expected {SPEC_HELP}")
-        w, a, h = (None if g is None or int(g) == 16 else int(g) for g in m.groups())
-        if w is None and a is None and h is None:
+        w, a, h, kv = (None if g is None or int(g) == 16 else int(g) for g in m.groups())
+        if w is None and a is None and h is None and kv is None:
             raise QMambaError(f"quantization config {spec!r} quantizes nothing: expected {SPEC_HELP}")
-        return cls(w_bits=w, a_bits=a, h_bits=h, **options)
+        return cls(w_bits=w, a_bits=a, h_bits=h, kv_bits=kv, **options)
 
     @property
     def name(self) -> str:
-        """Canonical WxAyHz name, e.g. W8A8H4 (float parts left out)."""
-        parts = [f"{k}{v}" for k, v in (("W", self.w_bits), ("A", self.a_bits), ("H", self.h_bits)) if v]
+        """Canonical WxAyHz[KVb] name, e.g. W8A8H4 or W8A8H4KV8 (float parts left out)."""
+        parts = [f"{k}{v}" for k, v in (("W", self.w_bits), ("A", self.a_bits), ("H", self.h_bits),
+                                        ("KV", self.kv_bits)) if v]
         return "".join(parts) or "FP"
 
     def replace(self, **changes) -> "QuantConfig":

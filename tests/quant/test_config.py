@@ -25,8 +25,44 @@ from qmamba.quant.config import ROUNDINGS, SCALE_MODES, STATE_QUANTIZERS, QuantC
 def test_parse_accepts(spec, bits, name):
     q = QuantConfig.parse(spec)
     assert (q.w_bits, q.a_bits, q.h_bits) == bits
+    assert q.kv_bits is None                                           # no KV part: float KV cache
     assert q.name == name
     assert QuantConfig.parse(q.name) == q                              # the name parses back
+
+
+@pytest.mark.parametrize("spec, bits, name", [
+    ("w8a8h4kv8", (8, 8, 4, 8), "W8A8H4KV8"),
+    ("w8a8h4kv4", (8, 8, 4, 4), "W8A8H4KV4"),
+    ("w8a8kv8", (8, 8, None, 8), "W8A8KV8"),
+    ("W8A8H4KV16", (8, 8, 4, None), "W8A8H4"),      # KV16 = floating-point KV cache
+    ("kv4", (None, None, None, 4), "KV4"),
+    (" w4a16Kv8 ", (4, None, None, 8), "W4KV8"),
+])
+def test_parse_kv_part(spec, bits, name):
+    q = QuantConfig.parse(spec)
+    assert (q.w_bits, q.a_bits, q.h_bits, q.kv_bits) == bits
+    assert q.name == name
+    assert QuantConfig.parse(q.name) == q
+
+
+@pytest.mark.parametrize("spec", ["w8a8h4kv3", "w8a8kv2", "kv1", "w8a8h4kv6", "kv9"])
+def test_kv_bits_unsupported_one_line(spec):
+    with pytest.raises(QMambaError) as info:
+        QuantConfig.parse(spec)
+    msg = str(info.value)
+    assert "\n" not in msg and "8 or 4" in msg and msg.startswith("KV")
+
+
+@pytest.mark.parametrize("spec", ["w8a8h4kv", "kv8h4", "w8kv8a8", "w8a8h4kv8x", "kvv8"])
+def test_kv_part_misplaced_rejected(spec):
+    with pytest.raises(QMambaError, match="WxAyHz"):
+        QuantConfig.parse(spec)
+
+
+def test_kv_bits_direct_validation():
+    assert QuantConfig(kv_bits=8).name == "KV8"
+    with pytest.raises(QMambaError, match="8 or 4"):
+        QuantConfig(kv_bits=5)
 
 
 @pytest.mark.parametrize("spec", ["", "   ", "w9a8", "a2", "a9", "w8x8", "h1", "h9", "w1", "a16", "w16a16h16",
@@ -71,6 +107,7 @@ def test_options_and_name():
     ("w8a8", dict(a_dynamic=True, a_observer="percentile", a_percentile=99.9)),
     ("h3", dict(state_quant="dsq", state_scale="dynamic", state_rounding="stochastic", seed=11)),
     ("w4a16", dict(quantize_head=True)),
+    ("w8a8h4kv4", {}),
 ])
 def test_dict_round_trip(spec, options):
     q = QuantConfig.parse(spec, **options)
