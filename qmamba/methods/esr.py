@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..errors import QMambaError
 from ..models.layer_spec import get_path, quantizable_linears
 from ..quant.activation import ActQuantizer
+from ..quant.kv import KVQuantizer
 from ..quant.linear import QLinear
 from ..quant.sim import SIMS, StateSim
 from ..quant.state import StateQuantizer
@@ -151,7 +152,7 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
         t0 = time.time()
         fp_block = copy.deepcopy(block)
         for m in fp_block.modules():
-            if isinstance(m, (ActQuantizer, StateQuantizer)):
+            if isinstance(m, (ActQuantizer, StateQuantizer, KVQuantizer)):
                 m.mode = "off"
         Y = _run(fp_block, X_fp, cfg.batch_size)                            # FP target
         del fp_block

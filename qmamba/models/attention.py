@@ -45,6 +45,7 @@ class AttentionMixer(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * e, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * e, d, bias=bias)
         self.state_quant = None
+        self.kv_quant = None        # set by qmamba.quant (a KV part of the config): owns the KV cache
 
     # ---- declarations (qmamba.models.layer_spec)
     def linear_groups(self) -> tuple[LinearGroup, ...]:
@@ -57,6 +58,8 @@ class AttentionMixer(nn.Module):
         return (StateSpec("kv", (2, self.n_kv, self.head_dim), headdim=self.head_dim, per_token=True),)
 
     def allocate_state(self, batch: int, dtype: torch.dtype, device) -> KVState:
+        if self.kv_quant is not None:
+            return self.kv_quant.allocate(batch, dtype, device)
         return KVState(batch, self.n_kv, self.head_dim, dtype, device)
 
     # ---- compute
@@ -72,6 +75,10 @@ class AttentionMixer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return x * cos + _rotate_half(x) * sin
 
+    def _scores(self, q: Tensor, k: Tensor, rep: int) -> Tensor:
+        """q (b, H, l, e), k (b, K, t, e) -> scaled scores (b, H, l, t)."""
+        return torch.matmul(q, k.repeat_interleave(rep, dim=1).transpose(2, 3)) * self.scale
+
     def forward(self, hidden: Tensor, state: Optional[KVState] = None) -> Tensor:
         """hidden (b, l, d_model) -> (b, l, d_model); with `state`, attend to its tokens too and
         append these."""
@@ -81,12 +88,20 @@ class AttentionMixer(nn.Module):
         k = self.k_proj(hidden).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)      # (b, K, l, e)
         v = self.v_proj(hidden).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self._rope(q, start), self._rope(k, start)
-        if state is not None:
-            k, v = state.append(k, v)                                                      # (b, K, t, e)
         rep = self.n_heads // self.n_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)            # (b, H, t, e)
-        t = k.shape[2]
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale                           # (b, H, l, t)
+        if self.kv_quant is not None:
+            # quantized KV cache: query i reads key j quantized or in float (`quantized` (l, t)),
+            # as the cache holds it when token i is decoded (qmamba.quant.kv)
+            k_q, k_f, v, quantized = self.kv_quant.attend(k, v, state)
+            scores = self._scores(q, k_q, rep)
+            if not bool(quantized.all()):
+                scores = torch.where(quantized, scores, self._scores(q, k_f, rep))
+        else:
+            if state is not None:
+                k, v = state.append(k, v)                                                  # (b, K, t, e)
+            scores = self._scores(q, k, rep)
+        v = v.repeat_interleave(rep, dim=1)                                                # (b, H, t, e)
+        t = v.shape[2]
         future = torch.ones(l, t, dtype=torch.bool, device=q.device).triu(t - l + 1)
         scores = scores.masked_fill(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

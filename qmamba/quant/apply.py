@@ -8,11 +8,16 @@ reconstruct (ESR).
 
 from __future__ import annotations
 
+import logging
+
 from ..models.layer_spec import get_path, quantizable_linears, set_path, state_spec
 from .activation import ActQuantizer
 from .config import QuantConfig
+from .kv import KVQuantizer
 from .linear import QLinear
 from .state import StateQuantizer
+
+log = logging.getLogger(__name__)
 
 
 def mixers(model):
@@ -30,11 +35,14 @@ def install_quantizers(model, qcfg: QuantConfig, observers: dict | None = None) 
     """Install (uncalibrated) quantizers for `qcfg` in place, where each layer declares them
     (`qmamba.models.layer_spec`): activation quantizers at its quantization points, a quantized
     linear for each of its linears (one input quantizer per group of linears that read the same
-    input), a state quantizer for its SSM state. `observers` maps a quantization point name (e.g.
-    "quant_x") or a linear's name to the observer it should use instead of the config's."""
+    input), a state quantizer for its SSM state, a KV quantizer for its KV cache (`qcfg.kv_bits`;
+    a model without attention layers logs one warning and runs as without the KV part).
+    `observers` maps a quantization point name (e.g. "quant_x") or a linear's name to the observer
+    it should use instead of the config's."""
     if qcfg.state_quant is None or qcfg.state_scale is None:
         raise ValueError("resolve the method's state quantizer defaults before installing")
     observers = observers or {}
+    kv_layers = 0
     for i, _, mixer in mixers(model):
         prefix = f"backbone.layers.{i}.mixer"
         if qcfg.a_bits is not None:
@@ -57,6 +65,16 @@ def install_quantizers(model, qcfg: QuantConfig, observers: dict | None = None) 
                 qcfg.state_quant, qcfg.h_bits, d, n, headdim=ssm.headdim,
                 scale_mode=qcfg.state_scale, rounding=qcfg.state_rounding,
                 group_size=qcfg.state_group_size, seed=qcfg.seed * 7919 + i, where=prefix)
+        kv = state_spec(mixer, "kv")
+        if qcfg.kv_bits is not None and kv is not None:
+            kv_layers += 1
+            if mixer.kv_quant is None:
+                _, kv_heads, head_dim = kv.shape
+                mixer.kv_quant = KVQuantizer(qcfg.kv_bits, kv_heads, head_dim, group_size=qcfg.kv_group_size,
+                                             where=prefix)
+    if qcfg.kv_bits is not None and not kv_layers:
+        log.warning("%s: the model has no attention layers, so no KV cache; KV%d changes nothing",
+                    qcfg.name, qcfg.kv_bits)
 
 
 def quantize_weights(model, qcfg: QuantConfig, clips: dict | None = None) -> None:
@@ -95,11 +113,11 @@ def state_quantizers(model) -> list[StateQuantizer]:
 
 
 def set_quant_mode(model, mode: str) -> None:
-    """'quant' | 'off' for every activation and state quantizer (e.g. 'off' for FP targets)."""
+    """'quant' | 'off' for every activation, state and KV quantizer (e.g. 'off' for FP targets)."""
     for m in model.modules():
-        if isinstance(m, (ActQuantizer, StateQuantizer)):
+        if isinstance(m, (ActQuantizer, StateQuantizer, KVQuantizer)):
             m.mode = mode
 
 
 def is_quantized(model) -> bool:
-    return any(isinstance(m, (QLinear, ActQuantizer, StateQuantizer)) for m in model.modules())
+    return any(isinstance(m, (QLinear, ActQuantizer, StateQuantizer, KVQuantizer)) for m in model.modules())

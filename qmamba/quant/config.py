@@ -47,6 +47,7 @@ class QuantConfig:
     state_scale: Optional[str] = None     # per-write scale mode (dsq: of s_c); None: the method's
     state_rounding: str = "nearest"       # "nearest" | "stochastic" (seeded) state writes
     state_group_size: int = 8             # state indices per group ("group" quantizer)
+    kv_group_size: int = 32               # tokens per key scale of the KV cache (qmamba.quant.kv)
     quantize_head: bool = False           # also quantize embedding and lm_head weights
     seed: int = 0
 
@@ -67,7 +68,7 @@ class QuantConfig:
             raise QMambaError(f"unknown state rounding {self.state_rounding!r}; choose {' or '.join(ROUNDINGS)}")
         if self.a_observer not in ("minmax", "percentile"):
             raise QMambaError(f"unknown activation observer {self.a_observer!r}; choose minmax or percentile")
-        if self.w_group_size < 0 or self.state_group_size <= 0:
+        if self.w_group_size < 0 or self.state_group_size <= 0 or self.kv_group_size <= 0:
             raise QMambaError("group sizes must be positive")
 
     @classmethod

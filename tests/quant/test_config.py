@@ -61,8 +61,11 @@ def test_kv_part_misplaced_rejected(spec):
 
 def test_kv_bits_direct_validation():
     assert QuantConfig(kv_bits=8).name == "KV8"
+    assert QuantConfig.parse("w8a8kv4").kv_group_size == 32                 # tokens per key scale
     with pytest.raises(QMambaError, match="8 or 4"):
         QuantConfig(kv_bits=5)
+    with pytest.raises(QMambaError, match="group sizes must be positive"):
+        QuantConfig.parse("kv4", kv_group_size=0)
 
 
 @pytest.mark.parametrize("spec", ["", "   ", "w9a8", "a2", "a9", "w8x8", "h1", "h9", "w1", "a16", "w16a16h16",
@@ -108,6 +111,7 @@ def test_options_and_name():
     ("h3", dict(state_quant="dsq", state_scale="dynamic", state_rounding="stochastic", seed=11)),
     ("w4a16", dict(quantize_head=True)),
     ("w8a8h4kv4", {}),
+    ("w8a8kv8", dict(kv_group_size=64)),
 ])
 def test_dict_round_trip(spec, options):
     q = QuantConfig.parse(spec, **options)
