@@ -53,7 +53,8 @@ ISA_FLAGS = {
     "avxvnni": ["-DQM_ISA_AVXVNNI", *_X86, "-mavxvnni"],
     "avx512vnni": ["-DQM_ISA_AVX512VNNI", *_X86, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
 }
-SYMBOLS = ("i8_linear", "i8_linear_f32", "i8_row_sums", "f32i8_linear", "exp_f32", "dsq_scan", "qmamba_isa")
+SYMBOLS = ("i8_linear", "i8_linear_f32", "i8_row_sums", "f32i8_linear", "exp_f32", "dsq_scan", "mamba2_conv_step",
+           "mamba2_ssm_step", "qmamba_isa")
 VNNI = ("avxvnni", "avx512vnni")        # builds that subtract 128 * sum(w): they take row sums
 STALE_BUILD_S = 3600                    # temporary build files older than this are left-overs of a killed build
 DISABLE_ENV = "QMAMBA_NO_CPU_KERNELS"
@@ -97,6 +98,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.dsq_scan.argtypes = [i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                              i32, i32, ctypes.c_float, ptr, i32]
     lib.exp_f32.argtypes = [i64, ptr, ptr]
+    f32 = ctypes.c_float
+    lib.mamba2_conv_step.argtypes = [i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, i32]
+    lib.mamba2_ssm_step.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, f32, f32, f32, f32, f32, ptr, ptr,
+                                    ptr, ptr, ptr, ptr, i32, i32, f32, ptr, ptr, ptr, i32]
     for name in SYMBOLS:
         getattr(lib, name).restype = None
     lib.qmamba_isa.restype = ctypes.c_char_p
@@ -106,6 +111,11 @@ def _bind(path: Path) -> ctypes.CDLL:
 
 def _ptr(t: Optional[Tensor]):
     return None if t is None else t.data_ptr()
+
+
+def _f32c(t: Tensor) -> Tensor:
+    """t as contiguous float32 (itself when it is: no dispatch on the per-token paths)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 class NativeKernels:
@@ -215,6 +225,46 @@ class NativeKernels:
                           int(per_byte), float(qmax), _ptr(y), self._n_threads())
         return y
 
+    def mamba2_conv_step(self, xbc: Tensor, scale: float, state: Tensor, weight: Tensor,
+                         bias: Optional[Tensor]) -> Tensor:
+        """One token of Mamba2's depthwise causal conv on its int8 conv state (codes of the static
+        8-bit conv input scale `scale`), updated in place: xbc (b, cd) float32 (rows may be a
+        slice of a wider tensor), state (b, cd, w - 1) int8, weight (cd, 1, w), bias (cd,) or
+        None. Returns the conv output (b, cd) float32, before the SiLU."""
+        assert state.dtype == torch.int8 and state.is_contiguous()
+        b, cd = xbc.shape
+        w = weight.shape[-1]
+        if xbc.dtype != torch.float32 or xbc.stride(-1) != 1:
+            xbc = xbc.float().contiguous()
+        weight, bias = _f32c(weight), None if bias is None else _f32c(bias)      # (cd, 1, w): rows of w
+        out = torch.empty(b, cd, dtype=torch.float32)
+        self.lib.mamba2_conv_step(b, cd, w, _ptr(xbc), xbc.stride(0), float(scale), _ptr(state), _ptr(weight),
+                                  _ptr(bias), _ptr(out), self._n_threads())
+        return out
+
+    def mamba2_ssm_step(self, xbc: Tensor, dt: Tensor, z: Tensor, act_scales: tuple, A: Tensor, D: Tensor,
+                        codes: Tensor, scales: Tensor, s_n: Tensor, static_scale: Tensor, dynamic: bool,
+                        per_byte: int, qmax: float, headdim: int, ngroups: int) -> tuple[Tensor, Tensor]:
+        """The SSM part of one Mamba2 decode token after the conv's SiLU: the static 8-bit
+        quantizers of x, B, C, dt and z (`act_scales` = their scales, in that order), one token
+        of `dsq_scan` on the integer state (codes and scales updated in place) and D x. xbc
+        (b, d + 2 g n) float32; dt (b, h) float32 after softplus; z (b, d) float32 (rows may be a
+        slice); A (d, 1); D (d,); the rest as `dsq_scan`. Returns y (b, d) = <h, C> + D x and the
+        quantized z (b, d)."""
+        assert codes.is_contiguous() and scales.is_contiguous()
+        b, d = z.shape
+        n = s_n.shape[0]
+        xbc, dt, A, D, s_n, static_scale = (_f32c(t) for t in (xbc, dt, A, D, s_n, static_scale))
+        if z.dtype != torch.float32 or z.stride(-1) != 1:
+            z = z.float().contiguous()
+        y, zq = torch.empty(b, d, dtype=torch.float32), torch.empty(b, d, dtype=torch.float32)
+        scratch = torch.empty(2 * b * d + 2 * b * ngroups * n, dtype=torch.float32)
+        self.lib.mamba2_ssm_step(b, d, n, ngroups, headdim, _ptr(xbc), _ptr(dt), _ptr(z), z.stride(0),
+                                 *(float(s) for s in act_scales), _ptr(A), _ptr(D), _ptr(codes),
+                                 _ptr(scales) if dynamic else None, _ptr(s_n), _ptr(static_scale), int(dynamic),
+                                 int(per_byte), float(qmax), _ptr(y), _ptr(zq), _ptr(scratch), self._n_threads())
+        return y, zq
+
 
 def _self_test(lib: ctypes.CDLL, isa: str) -> None:
     """Every entry point on tiny inputs (both lanes of each loop: vector blocks and tails) against
@@ -266,6 +316,23 @@ def _self_test(lib: ctypes.CDLL, isa: str) -> None:
             ys.append((h * C[:, t]).sum(-1))
         check("dsq_scan", torch.equal(unpack_codes(codes, per_byte, n), h.to(torch.int8))
               and torch.equal(y, torch.stack(ys, 1)))
+    b, cd, w = 2, 5, 4                               # Mamba2's fused decode pieces, integer-valued
+    state, x = ints(-3, 3, b, cd, w - 1).to(torch.int8), ints(-3, 3, b, cd).float()
+    wt, bias = ints(-2, 2, cd, 1, w).float(), ints(-2, 2, cd).float()
+    window = torch.cat([state.float(), x[..., None]], -1)
+    out = k.mamba2_conv_step(x, 1.0, state, wt, bias)
+    check("mamba2_conv_step", torch.equal(out, (window * wt[:, 0]).sum(-1) + bias)
+          and torch.equal(state, window[..., 1:].to(torch.int8)))
+    d, n, hd = 4, 16, 2
+    q0 = ints(-1, 1, b, d, n).to(torch.int8)
+    codes = pack_codes(q0, 2).clone().contiguous()
+    xbc, z = ints(-1, 1, b, d + 2 * n).float(), ints(-3, 3, b, d).float()
+    y, zq = k.mamba2_ssm_step(xbc, torch.ones(b, d // hd), z, (1.0,) * 5, torch.zeros(d, 1), torch.ones(d), codes,
+                              torch.empty(0), torch.ones(n), torch.ones(d, 1), False, 2, 7.0, hd, 1)
+    xs, B, C = xbc.split([d, n, n], -1)
+    h = (q0.float() + xs[..., None] * B[:, None]).round().clamp(-7, 7)
+    check("mamba2_ssm_step", torch.equal(unpack_codes(codes, 2, n), h.to(torch.int8)) and torch.equal(zq, z)
+          and torch.equal(y, (h * C[:, None]).sum(-1) + xs))
 
 
 def _compiler() -> str:

@@ -224,3 +224,41 @@ def dsq_scan(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B:
             scales.copy_(s.reshape(scales.shape).to(scales.dtype))
         codes.copy_(pack_codes(q.to(torch.int8), per_byte).view(codes.dtype))
     return torch.stack(ys, dim=1) if ys else torch.zeros(b, 0, d)
+
+
+# ------------------------------------------------------------------- Mamba2 decode step pieces
+def _fq8(x: Tensor, s: float) -> Tensor:
+    """Static symmetric 8-bit fake quantization, as `qmamba.quant.primitives.fake_quant`."""
+    s = _f32(s)
+    return torch.round(x.float() / s).clamp(-127, 127) * s
+
+
+def mamba2_conv_step(xbc: Tensor, scale: float, state: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Twin of the C mamba2_conv_step (arguments as `NativeKernels.mamba2_conv_step`; the int8
+    conv state updated in place): the eager step's quant_conv, conv_read, conv_step and
+    conv_write (qmamba/models/mixer.py)."""
+    s = _f32(scale)
+    window = torch.cat([state.float() * s, _fq8(xbc, scale).unsqueeze(-1)], dim=-1)    # (b, cd, w)
+    out = (window * weight[:, 0, :].float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    state.copy_(torch.round(window[..., 1:].float() / s).clamp(-127, 127).to(torch.int8))
+    return out
+
+
+def mamba2_ssm_step(xbc: Tensor, dt: Tensor, z: Tensor, act_scales: tuple, A: Tensor, D: Tensor,
+                    codes: Tensor, scales: Tensor, s_n: Tensor, static_scale: Tensor, dynamic: bool,
+                    per_byte: int, qmax: float, headdim: int, ngroups: int,
+                    scalar_exp: ScalarExp = torch.exp) -> tuple[Tensor, Tensor]:
+    """Twin of the C mamba2_ssm_step (arguments as `NativeKernels.mamba2_ssm_step`; codes and
+    scales updated in place): the eager step's quantizers of x, B, C, dt and z, one token of
+    `dsq_scan` and D x (qmamba/models/mamba2.py `step`)."""
+    sx, sB, sC, sdt, sz = act_scales
+    b, d = z.shape
+    gn = (xbc.shape[-1] - d) // 2
+    x, B, C = xbc.float().split([d, gn, gn], dim=-1)
+    x, B, C = _fq8(x, sx), _fq8(B, sB).unflatten(-1, (ngroups, -1)), _fq8(C, sC).unflatten(-1, (ngroups, -1))
+    dtc = _fq8(dt, sdt).repeat_interleave(headdim, dim=-1)
+    y = dsq_scan(codes, scales, x[:, None], dtc[:, None], A, B[:, None], C[:, None], s_n, static_scale, dynamic,
+                 per_byte, qmax, scalar_exp)[:, 0]
+    return y + D.float() * x, _fq8(z, sz)

@@ -113,7 +113,12 @@ class Mamba2Mixer(MixerBase):
         return self.out_proj(y)
 
     def step(self, hidden: Tensor, state: LayerState) -> Tensor:
-        """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model)."""
+        """One token through the recurrent cache. hidden (b, d_model) -> (b, d_model). A state
+        quantizer may run the whole step itself (fused kernels, same numbers; None: not here)."""
+        fused = getattr(self.state_quant, "fused_step", None)
+        out = None if fused is None else fused(self, hidden, state)
+        if out is not None:
+            return out
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC, tail = conv_step(self.conv_read(state, xBC.dtype), self.quant_conv(xBC), self.conv1d.weight, self.conv1d.bias)
         self.conv_write(state, tail)

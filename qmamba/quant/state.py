@@ -149,6 +149,13 @@ class StateQuantizer(nn.Module):
         """`mixer.scan` with this quantizer as its `state_quant` (see `qmamba.quant.state_scan`)."""
         return quantized_state_scan(self, mixer, x, dt, B, C, state)
 
+    def fused_step(self, mixer, hidden: Tensor, state):
+        """`mixer.step` through the fused decode kernels, or None where they do not apply (the
+        mixer then runs its eager step): `qmamba.quant.fused_decode`."""
+        from .fused_decode import fused_step
+
+        return fused_step(mixer, hidden, state)
+
     def allocate(self, batch: int, device=None) -> QuantizedSSMState:
         self.reseed()
         return QuantizedSSMState(self, batch, device if device is not None else self.amax.device)

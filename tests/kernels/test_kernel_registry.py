@@ -74,8 +74,38 @@ def _dsq_scan_cases():
                torch.rand(n, generator=g) + 0.5, torch.rand(d, 1, generator=g) + 0.1, dynamic, per_byte, qmax)
 
 
+def _mamba2_conv_step_cases():
+    """(xbc, scale, state, weight, bias): conv widths 4 and 2, with and without bias, a row slice
+    of a wider tensor, inputs beyond the 8-bit range (clamped)."""
+    g = _gen(6)
+    for b, cd, w, bias, wide in [(1, 24, 4, True, True), (3, 10, 4, False, False), (2, 9, 2, True, False)]:
+        x = torch.randn(b, cd + (7 if wide else 0), generator=g) * 3
+        state = torch.randint(-127, 128, (b, cd, w - 1), generator=g).to(torch.int8)
+        yield (x[:, 3:3 + cd] if wide else x, 0.02, state, torch.randn(cd, 1, w, generator=g),
+               torch.randn(cd, generator=g) if bias else None)
+
+
+def _mamba2_ssm_step_cases():
+    """(xbc, dt, z, act_scales, A, D, codes, scales, s_n, static, dynamic, per_byte, qmax, headdim,
+    ngroups): DSQ dynamic 4-bit and static int8 states, one and two groups, vector and scalar rows."""
+    g = _gen(7)
+    for b, h, hd, n, groups, dynamic, per_byte, qmax in [(1, 4, 4, 16, 1, True, 2, 7.0), (3, 2, 8, 16, 2, True, 2, 7.0),
+                                                         (2, 3, 2, 10, 1, False, 1, 127.0)]:
+        d = h * hd
+        q0 = torch.randint(-int(qmax), int(qmax) + 1, (b, d, n), generator=g).to(torch.int8)
+        scales = (torch.rand(b, d, 1, generator=g) + 1e-3).half() if dynamic else torch.empty(0)
+        z = torch.randn(b, d + 5, generator=g) * 2
+        yield (torch.randn(b, d + 2 * groups * n, generator=g) * 2, torch.rand(b, h, generator=g), z[:, 5:],
+               (0.015, 0.02, 0.025, 0.01, 0.03), -4 * torch.rand(d, 1, generator=g), torch.randn(d, generator=g),
+               ref.pack_codes(q0, per_byte).contiguous(), scales, torch.rand(n, generator=g) + 0.5,
+               torch.rand(d, 1, generator=g) + 0.1, dynamic, per_byte, qmax, hd, groups)
+
+
 CASES = {"i8_linear": _i8_linear_cases, "i8_linear_quantizing": _i8_linear_quantizing_cases,
-         "f32i8_linear": _f32i8_linear_cases, "exp_f32": _exp_f32_cases, "dsq_scan": _dsq_scan_cases}
+         "f32i8_linear": _f32i8_linear_cases, "exp_f32": _exp_f32_cases, "dsq_scan": _dsq_scan_cases,
+         "mamba2_conv_step": _mamba2_conv_step_cases, "mamba2_ssm_step": _mamba2_ssm_step_cases}
+IN_PLACE = {"dsq_scan": (0, 1), "mamba2_conv_step": (2,), "mamba2_ssm_step": (6, 7)}   # arguments written
+SCALAR_EXP = ("dsq_scan", "mamba2_ssm_step")                                             # twins taking expf
 
 
 def _clone(args):
@@ -91,10 +121,11 @@ def _scalar_exp(entry: registry.Entry):
 
 
 def _run(entry: registry.Entry, fn, args):
-    """What one call returns plus, for dsq_scan, the codes and scales it wrote in place."""
+    """What one call returns plus what it wrote in place (`IN_PLACE`)."""
     args = _clone(args)
     out = fn(*args)
-    return [out, args[0], args[1]] if entry.op == "dsq_scan" else [out]
+    outs = list(out) if isinstance(out, tuple) else [out]
+    return outs + [args[i] for i in IN_PLACE.get(entry.op, ())]
 
 
 def _outputs(entry: registry.Entry):
@@ -112,14 +143,15 @@ def test_every_operation_has_cases_and_a_twin():
 
 @pytest.mark.parametrize("entry", registry.entries(), ids=lambda e: f"{e.op}-{e.device}-{e.impl}")
 def test_kernel_equals_its_reference_twin(entry):
-    """Bit for bit: outputs and, for dsq_scan, the codes and scales written in place."""
+    """Bit for bit: outputs and what the kernel writes in place (dsq_scan's codes and scales, the
+    Mamba2 step's conv state, codes and scales)."""
     fn = entry.load()
     if fn is None:
         pytest.skip(f"{entry.impl} does not run here: {cpu_native.error(entry.impl)}")
     for args in CASES[entry.op]():
         got = _run(entry, fn, args)
         twin = entry.reference
-        if entry.op == "dsq_scan":
+        if entry.op in SCALAR_EXP:
             twin = lambda *a: entry.reference(*a, scalar_exp=_scalar_exp(entry))   # noqa: E731
         want = _run(entry, twin, args)
         for a, b in zip(got, want):

@@ -624,3 +624,82 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
         }
     }
 }
+
+/* ------------------------------------------------------------------ Mamba2 decode step, fused */
+/* Symmetric 8-bit fake quantization with a static per-tensor scale, as `fake_quant` computes it:
+ * clamp(round(x / s), -127, 127) * s (three roundings, in this order). */
+static inline float fq8(float x, float s) {
+    float v = nearbyintf(x / s);
+    v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+    return v * s;
+}
+
+/* One token of Mamba2's depthwise causal conv on its int8 conv state (codes of the static conv
+ * input scale s), in place, as the eager step computes it (models/mixer.py: quant_conv,
+ * conv_read, conv_step, conv_write):
+ *
+ *   u      = fq8(xbc, s)                              the quantized conv input
+ *   window = [state * s, u]                           (w values per channel)
+ *   out    = ((0 + window_0 wt_0) + window_1 wt_1) + ... (+ bias)   (PyTorch's order for w < 8)
+ *   state  = clamp(round(window[1:] / s), -127, 127)
+ *
+ * xbc (b, cd) with row stride xs (a slice of in_proj's output), state (b, cd, w - 1) int8,
+ * weight (cd, w), bias (cd) or NULL, out (b, cd). */
+void mamba2_conv_step(int64_t b, int64_t cd, int64_t w, const float *xbc, int64_t xs, float s,
+                      int8_t *state, const float *weight, const float *bias, float *out, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (b * cd >= 65536)
+    for (int64_t row = 0; row < b * cd; row++) {
+        const int64_t bi = row / cd, c = row % cd;
+        int8_t *st = state + row * (w - 1);
+        const float *wt = weight + c * w;
+        float win[w];
+        for (int64_t k = 0; k < w - 1; k++) win[k] = (float)st[k] * s;
+        win[w - 1] = fq8(xbc[bi * xs + c], s);
+        float acc = 0.0f;
+        for (int64_t k = 0; k < w; k++) acc = acc + win[k] * wt[k];
+        out[row] = bias ? acc + bias[c] : acc;
+        for (int64_t k = 0; k < w - 1; k++) {
+            float v = nearbyintf(win[k + 1] / s);
+            st[k] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
+        }
+    }
+}
+
+/* The SSM part of one Mamba2 decode token after the conv's SiLU, as the eager step computes it
+ * (models/mamba2.py `step`: quant_x, quant_B, quant_C, quant_dt, the state update, D x, quant_z):
+ *
+ *   x, B, C = fq8 of the conv output's three parts (scales sx, sB, sC); dt = fq8(dt, sdt)
+ *   y       = dsq_scan of one token (x, dt per channel: each head's repeated over its headdim)
+ *   y       = y + D x;   zq = fq8(z, sz)
+ *
+ * xbc (b, cd = d + 2 g n) contiguous; dt (b, h) after softplus (and the dt limit); z (b, d) with
+ * row stride zs; A (d, 1); D (d); codes, scales, s_n, s_c, dynamic, per_byte, qmax as dsq_scan;
+ * y, zq (b, d). Scratch: the quantized x, dt, B, C (what dsq_scan reads). */
+void mamba2_ssm_step(int64_t b, int64_t d, int64_t n, int64_t g, int64_t headdim, const float *xbc,
+                     const float *dt, const float *z, int64_t zs, float sx, float sB, float sC, float sdt,
+                     float sz, const float *A, const float *D, uint8_t *codes, uint16_t *scales,
+                     const float *s_n, const float *s_c, int dynamic, int per_byte, float qmax,
+                     float *y, float *zq, float *scratch, int nthreads) {
+    const int64_t cd = d + 2 * g * n, h = d / headdim;
+    float *xq = scratch, *dtq = xq + b * d, *Bq = dtq + b * d, *Cq = Bq + b * g * n;
+    for (int64_t bi = 0; bi < b; bi++) {
+        const float *r = xbc + bi * cd;
+        for (int64_t c = 0; c < d; c++) xq[bi * d + c] = fq8(r[c], sx);
+        for (int64_t k = 0; k < g * n; k++) {
+            Bq[bi * g * n + k] = fq8(r[d + k], sB);
+            Cq[bi * g * n + k] = fq8(r[d + g * n + k], sC);
+        }
+        for (int64_t hh = 0; hh < h; hh++) {
+            const float v = fq8(dt[bi * h + hh], sdt);
+            for (int64_t p = 0; p < headdim; p++) dtq[bi * d + hh * headdim + p] = v;
+        }
+    }
+    dsq_scan(b, 1, d, n, g, 1, codes, scales, xq, dtq, A, Bq, Cq, s_n, s_c, dynamic, per_byte, qmax, y,
+             nthreads);
+    for (int64_t bi = 0; bi < b; bi++)
+        for (int64_t c = 0; c < d; c++) {
+            const int64_t i = bi * d + c;
+            y[i] = y[i] + D[c] * xq[i];
+            zq[i] = fq8(z[bi * zs + c], sz);
+        }
+}
