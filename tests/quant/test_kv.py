@@ -80,6 +80,7 @@ def paths(model, prefill: int = 7):
         cache2 = model.allocate_cache(2)
         pre = model(IDS[:, :prefill], cache2)
         tail = torch.stack([model.step(IDS[:, t], cache2) for t in range(prefill, LENGTH)], dim=1)
+    paths.prefill_cache = cache2
     return fwd, step, torch.cat([pre, tail], dim=1), cache
 
 
@@ -213,6 +214,8 @@ def test_model_forward_step_prefill_agree(spec):
     assert rel(step, fwd) <= 1e-5 and rel(prefill, fwd) <= 1e-5
     kv = cache[2]
     assert isinstance(kv, QuantizedKVState) and kv.length == LENGTH
+    stored, other = kv.tensors(), paths.prefill_cache[2].tensors()       # decode and prefill + decode
+    assert all(torch.equal(stored[name], other[name]) for name in stored)   # store the same codes
     bits = int(spec.split("kv")[1])
     cols = 8 if bits == 8 else 4
     full = LENGTH // G * G
