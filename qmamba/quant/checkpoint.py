@@ -27,6 +27,7 @@ from .._version import __version__
 from ..errors import QMambaError
 from ..formats import compressed_tensors as ct
 from ..models.config import from_hf_dict
+from ..models.layer_spec import state_spec
 from ..models.lm import MambaLM, QuantState
 from ..models.save import save_model, state_dict_for_save
 from .apply import install_quantizers, quantize_weights
@@ -71,6 +72,9 @@ def _not_expressed(model: MambaLM) -> list[str]:
                    "quant_z) and the int8 conv state")
     if qcfg.h_bits is not None:
         out.append(f"the H{qcfg.h_bits} SSM state ({qcfg.state_quant}, {qcfg.state_scale} scales)")
+    if qcfg.kv_bits is not None and any(state_spec(m, "kv") for m in model.mixers()):
+        out.append(f"the KV{qcfg.kv_bits} cache of the attention layers (keys per channel over groups of "
+                   f"{qcfg.kv_group_size} tokens, the filling group in float; values per token)")
     if model.quant_method == "quamba" and qcfg.w_bits is not None:
         out.append("the Hadamard rotation of out_proj's input (out_proj is stored dequantized and "
                    "un-rotated in float for other loaders, without input quantization)")

@@ -73,6 +73,13 @@ class KVQuantizer(nn.Module):
     def dequantize_values(self, codes: Tensor, scales: Tensor) -> Tensor:
         return codes.float() * scales.float()
 
+    def token_bytes(self, batch: int = 1) -> float:
+        """Bytes the cache holds per token of context once its key groups are complete (codes,
+        value scales, key scales shared by G tokens); the float window of at most G - 1 tokens
+        comes on top."""
+        codes = 2 * self.kv_heads * -(-self.head_dim // self.per_byte)
+        return batch * (codes + self.kv_heads * 2 + self.kv_heads * self.head_dim * 2 / self.group_size)
+
     # ------------------------------------------------------------------ the cache and attention
     def allocate(self, batch: int, dtype: torch.dtype, device) -> KVState:
         """The integer cache; a float `KVState` while the quantizer is off."""

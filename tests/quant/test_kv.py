@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 
 import pytest
@@ -221,6 +222,8 @@ def test_model_forward_step_prefill_agree(spec):
     full = LENGTH // G * G
     assert cache.nbytes()["kv"] == (2 * 2 * (full + LENGTH) * cols + 2 * 2 * (full // G * 8 + LENGTH) * 2
                                     + 2 * 2 * (LENGTH - full) * 8 * 4)
+    assert model.layers[2].mixer.kv_quant.token_bytes(2) * full == (        # per token once complete
+        2 * 2 * 2 * full * cols + 2 * 2 * full * 2 + 2 * 2 * full // G * 8 * 2)
 
 
 def kld(model, ref_logits) -> float:
@@ -263,6 +266,10 @@ def test_save_reload_bit_exact(spec, tmp_path):
     fwd, step, _, cache = paths(again)
     assert torch.equal(fwd, out)
     assert isinstance(cache[2], QuantizedKVState)
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    meta = meta.get("qmamba", meta)
+    assert meta["kv_bits"] == model.quant_config.kv_bits and meta["kv_group_size"] == G
+    assert any(f"KV{meta['kv_bits']} cache" in line for line in meta.get("not_in_compressed_tensors", [""]))
 
 
 def test_mamba_only_model_ignores_kv_part_with_a_warning(caplog):
