@@ -82,12 +82,14 @@ SPECS = [None, "w8a8", "w8a8h4", "w8a8h4kv8", "w8a8h4kv4"]
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("tokens", [0, 5, 32, 77])
 def test_meta_kv_bytes_match_a_hand_formula(spec, batch, tokens):
-    if spec and "kv" in spec:
-        pytest.importorskip("qmamba.quant.kv")
     model = meta_model(spec)
     assert next(model.parameters()).device.type == "meta"
     kv = context_state_bytes(model, batch, tokens)
     assert kv["by_kind"].get("kv", 0) == hand_kv(spec, batch, tokens)
+    quantizers = [m.kv_quant for m in model.mixers() if getattr(m, "kv_quant", None) is not None]
+    assert len(quantizers) == (ATTN if spec and "kv" in spec else 0)
+    if quantizers and tokens % GROUP == 0:                  # the quantizer's own per-token count
+        assert kv["by_kind"]["kv"] == sum(q.token_bytes(batch) for q in quantizers) * tokens
     r = memory_report(model, (batch,), contexts=(tokens,))["contexts"][str(tokens)][str(batch)]
     assert r["bytes"]["kv"] == hand_kv(spec, batch, tokens)
     assert r["fp16"]["kv"] == hand_kv(None, batch, tokens)
@@ -115,7 +117,6 @@ def test_meta_kv_bytes_are_what_a_real_prefill_holds():
 
 
 def test_quantized_kv_meta_bytes_are_what_a_real_prefill_holds():
-    pytest.importorskip("qmamba.quant.kv")
     from qmamba.quantize import quantize
 
     cfg = from_hf_dict(NEMO)
@@ -133,8 +134,6 @@ def test_quantized_kv_meta_bytes_are_what_a_real_prefill_holds():
 
 @pytest.mark.parametrize("spec", [None, "w8a8h4", "w8a8h4kv8", "w8a8h4kv4"])
 def test_kv_grows_with_the_context_and_the_ssm_state_does_not(spec):
-    if spec and "kv" in spec:
-        pytest.importorskip("qmamba.quant.kv")
     model = meta_model(spec)
     r = memory_report(model, (1, 4), contexts=(256, 512, 1024))["contexts"]
     for b in ("1", "4"):
