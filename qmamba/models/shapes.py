@@ -29,7 +29,7 @@ SHAPES = {
 # Sources: the fields as quoted in public code (NVIDIA Megatron-Bridge's model providers, which
 # convert these checkpoints; model cards; HF-config fixtures of public memory estimators). Values
 # marked "inferred" are not quoted by any source found; none of them changes a byte count except
-# where said. Checked against the published sizes in tests/quant/test_memory.py.
+# where said. Checked against the published sizes in tests/quant/test_memory_hybrid.py.
 
 # nvidia/Nemotron-H-8B-Base-8K: 52 layers, hidden 4096, ffn 21504, 32 query heads, 8 KV groups,
 # pattern (24 M, 24 -, 4 *) from Megatron-Bridge's NemotronHModel8BProvider; mamba 128 heads x 64,
