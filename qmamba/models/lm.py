@@ -142,7 +142,8 @@ class MambaLM(nn.Module):
 
 def init_weights(model: MambaLM, seed: int = 0, dt_min: float = 1e-3, dt_max: float = 1e-1) -> MambaLM:
     """The initialisation of mamba_ssm (S4D-real A, dt bias from a log-uniform dt, D = 1, linear
-    and embedding normal(0.02), out_proj rescaled by 1/sqrt(n_layer)) for training from scratch."""
+    and embedding normal(0.02), out_proj rescaled by 1/sqrt(n_layer)) for training from scratch;
+    a hybrid's attention, MLP and MoE layers get the normal(0.02) linears and unit norms only."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     with torch.no_grad():
@@ -157,6 +158,8 @@ def init_weights(model: MambaLM, seed: int = 0, dt_min: float = 1e-3, dt_max: fl
                 p.zero_()
         for layer in model.layers:
             m = layer.mixer
+            if not hasattr(m, "init_dynamics_"):       # attention / MLP / MoE layers of a hybrid
+                continue
             m.out_proj.weight.div_(math.sqrt(cfg.n_layer))
             nh = m.A_log.shape[0]
             dt = torch.exp(torch.rand(nh, generator=g) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))

@@ -312,3 +312,18 @@ def test_inspect_reads_the_mamba_layers_of_a_hybrid(tmp_path):
     assert [r.index for r in collect(model, ids)] == [2, 4]
     with pytest.raises(QMambaError, match="layer\\(s\\) 1 have no SSM state to inspect"):
         collect(model, ids, [1, 2])
+
+
+@needs_nemotron
+def test_init_weights_on_a_hybrid(tmp_path):
+    """init_weights gives a hybrid mamba_ssm's initialisation on its Mamba layers (D = 1, out_proj
+    rescaled) and normal(0.02) linears elsewhere, and the model runs."""
+    from qmamba.models.lm import init_weights
+    nemotron(tmp_path)
+    model = init_weights(qmamba.load(tmp_path).model, seed=3)
+    mamba, attention = model.layers[0].mixer, model.layers[1].mixer
+    assert torch.equal(mamba.D, torch.ones_like(mamba.D))
+    linears = [p for n, p in attention.named_parameters() if p.dim() == 2]
+    assert linears and all(0.01 < p.std().item() < 0.03 for p in linears)
+    assert mamba.out_proj.weight.std().item() < 0.02 / 2          # 0.02 / sqrt(6 layers)
+    assert torch.isfinite(model(torch.arange(12)[None] % VOCAB)).all()
