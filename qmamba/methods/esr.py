@@ -133,6 +133,10 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
     # blocks move to the work device one at a time (a model larger than GPU memory still fits)
     work = torch.device(cfg.device) if cfg.device else \
         (torch.device("cuda") if torch.cuda.is_available() else device)
+    if calib.shape[0] < cfg.nsamples or calib.shape[1] < cfg.seqlen:
+        log.warning("ESR uses %d x %d calibration tokens, not the %d x %d asked for: the calibration set "
+                    "holds no more (raise nsamples / seqlen of the calibration)", min(cfg.nsamples, calib.shape[0]),
+                    min(cfg.seqlen, calib.shape[1]), cfg.nsamples, cfg.seqlen)
     ids = calib[: cfg.nsamples, : cfg.seqlen].to(device)
     layers = model.backbone.layers
     records: list[dict] = []

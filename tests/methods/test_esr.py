@@ -219,3 +219,19 @@ def test_a_reconstruction_that_hurts_is_undone():
     # the finished model computes the recorded (restored) errors
     for r, err in zip(records, block_errors(fp, model)):
         assert err == pytest.approx(r["mse_after"], rel=1e-4)
+
+
+def test_fewer_calibration_tokens_than_asked_are_said(caplog):
+    """ESR takes the first nsamples x seqlen calibration tokens; asking for more than the
+    calibration set holds is said in one warning (and runs on what there is), not silently."""
+    model, qcfg = calibrated("mamba2")
+    n, length = CALIB.shape
+    with caplog.at_level("WARNING", logger="qmamba.esr"):
+        reconstruct(model, qcfg, CALIB, ESRConfig(sim="chunk", nsamples=n, seqlen=length, epochs=1), progress=False)
+    assert not caplog.records
+    model, qcfg = calibrated("mamba2")
+    with caplog.at_level("WARNING", logger="qmamba.esr"):
+        reconstruct(model, qcfg, CALIB, ESRConfig(sim="chunk", nsamples=2 * n, seqlen=length, epochs=1),
+                    progress=False)
+    [warning] = caplog.records
+    assert f"{n} x {length} calibration tokens, not the {2 * n} x {length}" in warning.getMessage()
