@@ -131,4 +131,3 @@ def linear_int(lin: nn.Module, x: Tensor) -> Tensor:
     if lin.bias is not None:
         y = y + lin.bias.float()
     return y.reshape(*shape[:-1], -1).to(x.dtype)
-
