@@ -1,38 +1,25 @@
 """The C kernels of `cpu/int8_cpu.c` (integer GEMMs of the quantized linears, the DSQ step of
-the integer state cache), compiled on first use, one shared object per instruction set, and
-called through ctypes.
+the integer state cache, Mamba2's fused decode pieces), called through ctypes.
 
 PyTorch's own int8 CPU kernels (`torch._int_mm`, `_weight_int8pack_mm`) are built for CPUs with
 VNNI/AMX; on a plain AVX2 CPU they are slower than the float GEMV they should replace (measured:
-benchmarks/README.md). This small C file is the fast path there. Each build (`ISA_FLAGS`:
-avx512vnni, avxvnni, avx2, portable) is compiled with the system C compiler (`$CC`, else gcc,
-else cc) into a cache folder ($QMAMBA_CACHE/kernels, default ~/.cache/qmamba/kernels) under a
-name that holds the build, the hash of the source, the flags and the machine type, and reused.
-Only the build that `cpu_features.candidates()` puts first is compiled; if it cannot be (a
-compiler without -mavxvnni, say), the next lower one is, quietly. A cached library is never
-trusted blindly: after loading, every entry point must exist and pass a small self-test against
-the PyTorch computation it replaces (`_self_test`); otherwise it is rebuilt (into a temporary
-file, checked, then renamed over the cached name, so concurrent processes never see half a
-file) and, if no build works, callers fall back to PyTorch's ops after one warning line on the
-"qmamba" logger. `QMAMBA_NO_CPU_KERNELS=1` turns the kernels off without a warning.
+benchmarks/README.md). Each build (avx512vnni, avxvnni, avx2, portable) is compiled and cached by
+`qmamba.kernels.cpu_build`; only the build that `cpu_features.candidates()` puts first is
+compiled, and if it cannot be, the next lower one is, quietly. A library is used only after every
+entry point exists and passes a small self-test against the PyTorch computation it replaces
+(`_self_test`); if no build works, callers fall back to PyTorch's ops after one warning line on
+the "qmamba" logger. `QMAMBA_NO_CPU_KERNELS=1` turns the kernels off without a warning.
 
-`native(isa)` returns the loaded kernels of one build (`NativeKernels`, or None); the module
-functions `i8_linear` etc. call the best build allowed (see qmamba.kernels.registry for
-forcing one).
+`native(isa)` returns the loaded kernels of one build (`NativeKernels`, or None), `select()`
+the best build allowed (see qmamba.kernels.registry for forcing one).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -40,23 +27,12 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import cpu_features
+from . import cpu_build, cpu_features
 from .reference import pack_codes, unpack_codes
 
-SOURCE = Path(__file__).with_name("cpu") / "int8_cpu.c"
-# -ffp-contract=off: no fused multiply-adds the source does not write (dsq_scan rounds like eager)
-FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
-_X86 = ["-mavx2", "-mfma", "-mf16c"]
-ISA_FLAGS = {
-    "portable": ["-DQM_ISA_PORTABLE"],
-    "avx2": ["-DQM_ISA_AVX2", *_X86],
-    "avxvnni": ["-DQM_ISA_AVXVNNI", *_X86, "-mavxvnni"],
-    "avx512vnni": ["-DQM_ISA_AVX512VNNI", *_X86, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-}
 SYMBOLS = ("i8_linear", "i8_linear_f32", "i8_row_sums", "f32i8_linear", "exp_f32", "dsq_scan", "mamba2_conv_step",
            "mamba2_ssm_step", "qmamba_isa")
 VNNI = ("avxvnni", "avx512vnni")        # builds that subtract 128 * sum(w): they take row sums
-STALE_BUILD_S = 3600                    # temporary build files older than this are left-overs of a killed build
 DISABLE_ENV = "QMAMBA_NO_CPU_KERNELS"
 
 log = logging.getLogger("qmamba")
@@ -65,26 +41,6 @@ _errors: dict[str, str] = {}                # isa -> why it is not
 _chosen: dict[Optional[str], Optional[str]] = {}   # forced ceiling -> the build in use (None: PyTorch)
 _error: Optional[str] = None                # why no build is in use (the last selection)
 _lock = threading.Lock()                    # one build and self-test at a time
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QMAMBA_CACHE") or Path.home() / ".cache" / "qmamba") / "kernels"
-
-
-def flags(isa: str) -> list[str]:
-    return [*ISA_FLAGS[isa], *FLAGS]
-
-
-def cache_path(isa: Optional[str] = None) -> Path:
-    """Where the compiled library of this source, this build's flags and this machine type is
-    cached (`isa` None: the build the kernels would use first)."""
-    isa = isa or cpu_features.candidates()[0]
-    key = SOURCE.read_bytes() + " ".join(flags(isa)).encode() + platform.machine().encode()
-    return cache_dir() / f"int8_cpu-{isa}-{hashlib.sha256(key).hexdigest()[:16]}.so"
-
-
-def build_command(cc: str, isa: str, out, extra=()) -> list[str]:
-    return [cc, *flags(isa), *extra, str(SOURCE), "-o", str(out)]
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -335,93 +291,20 @@ def _self_test(lib: ctypes.CDLL, isa: str) -> None:
           and torch.equal(y, (h * C[:, None]).sum(-1) + xs))
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    return cc
-
-
-def _build_dir(out: Path) -> Path:
-    """The cache folder, or a private temporary one where the cache cannot be written."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if os.access(out.parent, os.W_OK):
-            for old in out.parent.glob(".int8_cpu-build-*"):   # a killed build's left-overs
-                try:
-                    if time.time() - old.stat().st_mtime > STALE_BUILD_S:
-                        old.unlink()
-                except OSError:
-                    pass
-            return out.parent
-    except OSError:
-        pass
-    return Path(tempfile.mkdtemp(prefix="qmamba-kernels-"))
-
-
-def _compile_and_check(out: Path, isa: str) -> ctypes.CDLL:
-    """Compile into a temporary file next to `out`, load and self-test it, then rename it to
-    `out` (atomic: a concurrent reader or builder sees the old file or the new one, whole). The
-    library is loaded from its temporary name: dlopen of a name already loaded in this process
-    (a bad cached file) would return the old library."""
-    cc = _compiler()
-    folder = _build_dir(out)
-    fd, tmp = tempfile.mkstemp(prefix=".int8_cpu-build-", suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-        try:
-            r = subprocess.run(build_command(cc, isa, tmp), capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the C compiler {cc!r} ran for more than 10 minutes") from None
-        except OSError as e:
-            raise RuntimeError(f"cannot run the C compiler {cc!r}: {e.strerror or e}") from None
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise RuntimeError(f"compiling {SOURCE.name} ({isa}) with {cc} failed: {last[-200:]}")
-        lib = _bind(Path(tmp))
-        _self_test(lib, isa)
-        if folder == out.parent:
-            os.replace(tmp, out)
-        return lib
-    finally:                            # (a loaded library stays mapped once its file is gone)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if folder != out.parent:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
-
-def _build(isa: str) -> ctypes.CDLL:
-    """The verified library of one build: the cached one if it loads and passes the self-test,
-    else rebuilt."""
-    out = cache_path(isa)
-    if out.exists():
-        try:
-            lib = _bind(out)
-            _self_test(lib, isa)
-            return lib
-        except Exception as e:          # garbage, a missing symbol, wrong numbers: rebuild it
-            bad = _one_line(e).replace(f"{out}: ", "")
-        try:
-            lib = _compile_and_check(out, isa)
-        except Exception as e:
-            raise RuntimeError(f"the cached {out} is unusable ({bad}) and rebuilding it failed "
-                               f"({_one_line(e)})") from None
-        log.warning("qmamba: the cached C kernel %s was unusable (%s); rebuilt it", out, bad)
-        return lib
-    return _compile_and_check(out, isa)
+def _checked(path: Path, isa: str) -> ctypes.CDLL:
+    """The library at `path`, bound and self-tested (raises if either fails)."""
+    lib = _bind(path)
+    _self_test(lib, isa)
+    return lib
 
 
 def _load(isa: str) -> Optional[NativeKernels]:
     """One build, loaded once per process (None, with the reason in `_errors`, if it fails)."""
     if isa not in _native and isa not in _errors:
         try:
-            _native[isa] = NativeKernels(_build(isa), isa)
+            _native[isa] = NativeKernels(cpu_build.verified(isa, lambda path: _checked(path, isa)), isa)
         except Exception as e:          # never let a broken kernel stop a command: the next build
-            _errors[isa] = " ".join(str(e).split())[:600] if isinstance(e, RuntimeError) else _one_line(e)
+            _errors[isa] = " ".join(str(e).split())[:600] if isinstance(e, RuntimeError) else cpu_build.one_line(e)
     return _native.get(isa)
 
 
@@ -496,30 +379,3 @@ def isa() -> Optional[str]:
     """The build the module functions call, None when the kernels are unavailable."""
     k = select()
     return None if k is None else k.isa
-
-
-def _best() -> NativeKernels:
-    k = select()
-    assert k is not None, _error
-    return k
-
-
-# the best build's entry points, for callers that do not go through the registry
-def i8_linear(*args) -> Tensor:
-    return _best().i8_linear(*args)
-
-
-def i8_linear_quantizing(*args) -> Tensor:
-    return _best().i8_linear_quantizing(*args)
-
-
-def f32i8_linear(*args) -> Tensor:
-    return _best().f32i8_linear(*args)
-
-
-def exp_f32(x: Tensor) -> Tensor:
-    return _best().exp_f32(x)
-
-
-def dsq_scan(*args) -> Tensor:
-    return _best().dsq_scan(*args)

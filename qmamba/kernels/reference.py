@@ -175,7 +175,6 @@ def dsq_scan(codes: Tensor, scales: Tensor, x: Tensor, dt: Tensor, A: Tensor, B:
     maximum and the read-out sum, others its sequential order."""
     b, length, d = x.shape
     g, n = B.shape[-2:]
-    n_a = A.shape[-1]
     x, dt, A, B, C, s_n = (t.float() for t in (x, dt, A, B, C, s_n))
     vec = n % 16 == 0
     s = scales.float().reshape(b, d, 1) if dynamic else static_scale.float().reshape(1, d, 1).expand(b, d, 1)

@@ -23,7 +23,7 @@ from torch import nn
 
 import qmamba
 from qmamba.errors import QMambaError
-from qmamba.kernels import cpu_features, cpu_native, registry
+from qmamba.kernels import cpu_build, cpu_features, cpu_native, registry
 from qmamba.quant import intmm
 from qmamba.quant.activation import ActQuantizer
 from qmamba.quant.checkpoint import save_quantized
@@ -45,7 +45,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.delenv("QMAMBA_NO_CPU_KERNELS", raising=False)
     monkeypatch.delenv("CC", raising=False)
     registry.reset()
-    yield cpu_native.cache_path()
+    yield cpu_build.cache_path()
     monkeypatch.undo()
     registry.reset()
 
@@ -69,7 +69,7 @@ def build(request):
 def _compile(dest, *defines):
     """The real source of the best build, compiled with the project's flags plus `defines`, at `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(cpu_native.build_command(CC, cpu_features.candidates()[0], dest, defines), check=True)
+    subprocess.run(cpu_build.build_command(CC, cpu_features.candidates()[0], dest, defines), check=True)
 
 
 def _damage(kind: str, path):
@@ -150,12 +150,12 @@ def test_switched_off_without_warning(fresh, caplog, monkeypatch):
 
 
 def test_cache_name_follows_source_flags_and_build(fresh, monkeypatch):
-    name = cpu_native.cache_path().name
-    names = {cpu_native.cache_path(isa).name for isa in cpu_features.ISAS}
+    name = cpu_build.cache_path().name
+    names = {cpu_build.cache_path(isa).name for isa in cpu_features.ISAS}
     assert len(names) == len(cpu_features.ISAS) and name in names
-    monkeypatch.setattr(cpu_native, "FLAGS", [*cpu_native.FLAGS, "-DQMAMBA_TEST"])
-    assert cpu_native.cache_path().name != name
-    assert all("-ffp-contract=off" in cpu_native.flags(isa) for isa in cpu_features.ISAS)
+    monkeypatch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DQMAMBA_TEST"])
+    assert cpu_build.cache_path().name != name
+    assert all("-ffp-contract=off" in cpu_build.flags(isa) for isa in cpu_features.ISAS)
 
 
 SCRIPT = textwrap.dedent("""
@@ -182,7 +182,7 @@ def test_a_command_survives_with_at_most_one_line(env, tmp_path):
         expected = 0
     else:
         environ["CC"] = "/nonexistent/cc"
-        _damage("garbage", cache / "kernels" / cpu_native.cache_path().name)
+        _damage("garbage", cache / "kernels" / cpu_build.cache_path().name)
         expected = 1
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=environ, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
@@ -204,7 +204,7 @@ def test_two_processes_building_at_once(tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and out.strip() == "ok" and not err.strip(), err[-2000:]
-    assert [f.name for f in (tmp_path / "cache" / "kernels").iterdir()] == [cpu_native.cache_path().name]
+    assert [f.name for f in (tmp_path / "cache" / "kernels").iterdir()] == [cpu_build.cache_path().name]
 
 
 # ------------------------------------------------------------------------------- weight codes
@@ -265,7 +265,7 @@ def test_group_size_must_tile_the_inner_size():
 def test_kernel_refuses_a_group_size_that_drops_columns(kernel):
     q_x, w = torch.ones(1, 40, dtype=torch.int8), torch.ones(4, 40, dtype=torch.int8)
     with pytest.raises(ValueError, match="multiple of the group size"):
-        cpu_native.i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 32, None)
+        cpu_native.select().i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 32, None)
 
 
 # ----------------------------------------------------------------------------- int32 overflow
