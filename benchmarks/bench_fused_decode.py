@@ -18,12 +18,12 @@ import argparse
 import contextlib
 import os
 import statistics
-import time
 
 import torch
 
 from qmamba.eval.bench import build, copy_bandwidth
 from qmamba.eval.memory import weight_bytes
+from qmamba.eval.timing import decode_step_seconds
 from qmamba.kernels import forced
 from qmamba.utils.io import atomic_write_json
 
@@ -45,18 +45,10 @@ def run(model, batch: int, rounds: int, steps: int, prompt_len: int) -> dict:
         for variant in ("fused", "eager"):
             ctx = forced("torch", ops=FUSED_OPS) if variant == "eager" else contextlib.nullcontext()
             with ctx:
-                cache = model.allocate_cache(batch)
-                tok = model(prompt, cache, logits_to_keep=1)[:, -1].argmax(-1)
-                per, out = [], []
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    y = model.step(tok, cache)
-                    per.append(time.perf_counter() - t)
-                    out.append(y)
-                    tok = y.argmax(-1)
+                per, out, cache = decode_step_seconds(model, prompt, steps)
             if r:
                 times[variant].append(statistics.median(per))
-            logits.setdefault(variant, torch.stack(out))
+            logits.setdefault(variant, out)
             read = bytes_read(model, cache)
     same = torch.equal(logits["fused"], logits["eager"])
     assert same, "the fused and the eager step disagree"

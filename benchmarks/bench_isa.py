@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from qmamba.eval.timing import decode_step_seconds
 from qmamba.kernels import cpu_features, cpu_native
 from qmamba.utils.io import atomic_write_json
 
@@ -94,18 +95,10 @@ def decode(args, builds: list[str]) -> None:
     for r in range(args.rounds + 1):                 # round 0: warm-up
         for isa in builds:
             with forced(isa):
-                cache = model.allocate_cache(1)
-                tok = model(prompt, cache, logits_to_keep=1)[:, -1].argmax(-1)
-                steps, out = [], []
-                for _ in range(args.steps):
-                    t = time.perf_counter()
-                    y = model.step(tok, cache)
-                    steps.append(time.perf_counter() - t)
-                    out.append(y)
-                    tok = y.argmax(-1)
+                steps, out, _ = decode_step_seconds(model, prompt, args.steps)
                 if r:
                     times[isa].append(statistics.median(steps))
-                logits.setdefault(isa, torch.stack(out))
+                logits.setdefault(isa, out)
     first = logits[builds[0]]
     assert all(torch.equal(v, first) for v in logits.values()), "builds disagree"
     print(f"{source}, W8A8H4, batch 1, threads {args.threads}, {args.rounds} rounds x {args.steps} steps")

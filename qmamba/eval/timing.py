@@ -38,6 +38,21 @@ def median_seconds(fn: Callable[[], Any], reps: int, warmup: int = 1, device: De
     return statistics.median(timed(fn, device)[1] for _ in range(reps))
 
 
+def decode_step_seconds(model, prompt: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor, Any]:
+    """Greedy decode after `prompt` (b, l): the seconds of each of `steps` token steps (the
+    prefill not counted), their logits (steps, b, vocab) and the cache they left."""
+    cache = model.allocate_cache(prompt.shape[0])
+    tok = model(prompt, cache, logits_to_keep=1)[:, -1].argmax(-1)
+    seconds, out = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        y = model.step(tok, cache)
+        seconds.append(time.perf_counter() - t)
+        out.append(y)
+        tok = y.argmax(-1)
+    return seconds, torch.stack(out), cache
+
+
 def _proc_status_bytes(field: str) -> Optional[int]:
     """A memory field of /proc/self/status ("VmRSS", "VmHWM") in bytes; None where there is none."""
     try:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qmamba.eval.timing import median_seconds, peak_rss, rss, timed
+from qmamba.eval.timing import decode_step_seconds, median_seconds, peak_rss, rss, timed
 
 
 def test_timed_returns_the_result_and_the_wall_time():
@@ -37,3 +37,21 @@ def test_memory_readings():
     now, peak = rss(), peak_rss()
     assert now >= 64 << 20 and peak >= now
     del blob
+
+
+def test_decode_step_seconds_times_each_greedy_step(tiny_mamba2):
+    """One time per token step, and the logits of the greedy decode the model itself gives."""
+    import torch
+
+    import qmamba
+    model = qmamba.load(tiny_mamba2[1]).model
+    prompt = torch.arange(10).reshape(2, 5) % model.config.vocab_size
+    seconds, logits, cache = decode_step_seconds(model, prompt, 4)
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    ref_cache = model.allocate_cache(2)
+    tok = model(prompt, ref_cache, logits_to_keep=1)[:, -1].argmax(-1)
+    for t in range(4):
+        y = model.step(tok, ref_cache)
+        assert torch.equal(logits[t], y)
+        tok = y.argmax(-1)
+    assert cache is not None
