@@ -23,6 +23,7 @@ os.environ.setdefault("QMAMBA_COMPILE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from qmamba.kernels import cpu_features, cpu_native  # noqa: E402
 from qmamba.utils import paths  # noqa: E402
 
 torch.set_num_threads(1)
@@ -209,3 +210,12 @@ def pytest_terminal_summary(terminalreporter):
     for r in _PARITY:
         tr.write_line(f"{r['config']:<16}{r['source']:<14}{r['path']:<17}{r['max_abs']:>12.3e}"
                       f"{r['max_rel']:>12.3e}{r['scale']:>13.2f}")
+
+
+@pytest.fixture(params=cpu_features.ISAS)
+def native_build(request):
+    """The C kernels of one build (skips where this CPU lacks it or it does not build)."""
+    native = cpu_native.native(request.param)
+    if native is None:
+        pytest.skip(f"no {request.param} C kernel here: {cpu_native.error(request.param)}")
+    return native

@@ -8,18 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qmamba.kernels import cpu_features, cpu_native, forced, registry
+from qmamba.kernels import cpu_native, forced, registry
 from qmamba.quant.intmm import blockwise_linear
-from qmamba.quant.linear import dequantize_weight
-
-
-@pytest.fixture(params=cpu_features.ISAS)
-def kern(request):
-    """The kernels of one build (skips where this CPU lacks it or it does not build)."""
-    native = cpu_native.native(request.param)
-    if native is None:
-        pytest.skip(f"no {request.param} C kernel here: {cpu_native.error(request.param)}")
-    return native
+from qmamba.quant.primitives import dequantize_weight
 
 
 def codes(*shape, seed=0):
@@ -28,31 +19,31 @@ def codes(*shape, seed=0):
 
 @pytest.mark.parametrize("m, n, k, gs", [(1, 7, 45, 0), (3, 16, 64, 0), (5, 9, 96, 32), (2, 13, 40, 8),
                                          (17, 4, 768, 128), (1, 1, 1, 0)])
-def test_i8_linear_is_exact(m, n, k, gs, kern):
+def test_i8_linear_is_exact(m, n, k, gs, native_build):
     q_x, w = codes(m, k, seed=1), codes(n, k, seed=2)
     groups = k // gs if gs else 1
     ones = torch.ones(n, groups)
     exact = (q_x.long() @ w.long().t()).float()
     for _ in range(3):                  # VNNI row sums: summed in the kernel, then cached, reused
-        assert torch.equal(kern.i8_linear(q_x, torch.ones(m), w, ones, gs, None), exact)
+        assert torch.equal(native_build.i8_linear(q_x, torch.ones(m), w, ones, gs, None), exact)
 
 
-def test_i8_linear_applies_scales_and_bias(kern):
+def test_i8_linear_applies_scales_and_bias(native_build):
     g = torch.Generator().manual_seed(4)
     m, n, k, gs = 3, 10, 96, 32
     q_x, w = codes(m, k, seed=5), codes(n, k, seed=6)
     s_x, s_w, bias = torch.rand(m, generator=g), torch.rand(n, k // gs, 1, generator=g), torch.randn(n, generator=g)
-    out = kern.i8_linear(q_x, s_x, w, s_w, gs, bias)
+    out = native_build.i8_linear(q_x, s_x, w, s_w, gs, bias)
     ref = (q_x.double() * s_x[:, None].double()) @ dequantize_weight(w, s_w, gs, torch.float64).t() + bias.double()
     terms = (q_x.double().abs() * s_x[:, None].double()) @ dequantize_weight(w, s_w, gs, torch.float64).abs().t()
     assert ((out.double() - ref).abs() <= 1e-6 * (terms + bias.double().abs())).all()    # per summed term
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 11, 37), (4, 8, 64), (70, 5, 24)])
-def test_f32i8_linear_matches_float(m, n, k, kern):
+def test_f32i8_linear_matches_float(m, n, k, native_build):
     g = torch.Generator().manual_seed(7)
     x, w, s = torch.randn(m, k, generator=g), codes(n, k, seed=8), torch.rand(n, generator=g)
-    out = kern.f32i8_linear(x, w, s)
+    out = native_build.f32i8_linear(x, w, s)
     ref = x.double() @ (w.double() * s[:, None].double()).t()
     terms = x.double().abs() @ (w.double() * s[:, None].double()).abs().t()
     assert ((out.double() - ref).abs() <= 1e-6 * terms).all()        # float32 sums of k terms, per term
@@ -66,14 +57,14 @@ def test_blockwise_linear_matches_whole_dequantization():
     assert ((blockwise_linear(x, w, s, block=8) - whole).abs() <= 1e-6 * terms).all()
 
 
-def test_vectorised_exp_is_within_two_tenths_of_a_millionth(kern):
+def test_vectorised_exp_is_within_two_tenths_of_a_millionth(native_build):
     """The state kernel's exp (per-state decays exp(dt A) <= 1 of Mamba1) against float64 exp on
     a dense grid of [-87, 5]: relative error under 2e-7 (about one float32 ulp), and the
     clamp below -87.34 gives about 2^-126 (the smallest normal float), not 0 or garbage."""
     x = torch.linspace(-87.0, 5.0, 2_000_003)
-    rel = ((kern.exp_f32(x).double() - x.double().exp()) / x.double().exp()).abs()
+    rel = ((native_build.exp_f32(x).double() - x.double().exp()) / x.double().exp()).abs()
     assert rel.max().item() < 2e-7, rel.max().item()
-    tiny = kern.exp_f32(torch.full((16,), -200.0))
+    tiny = native_build.exp_f32(torch.full((16,), -200.0))
     torch.testing.assert_close(tiny, torch.full((16,), 2.0 ** -126), rtol=1e-5, atol=0)
 
 
@@ -113,7 +104,7 @@ def kernel_exp(t, *args, exp_f32, **kwargs):
     ("dsq", 32, 3, "dynamic", 32, 1), ("dsq", 10, 8, "dynamic", 10, 1), ("channel", 16, 4, "dynamic", 1, 1),
     ("channel", 16, 4, "static", 1, 1), ("tensor", 16, 4, "static", 16, 1), ("state", 32, 4, "static", 1, 2),
     ("head", 16, 2, "static", 1, 1), ("dsq", 10, 2, "dynamic", 10, 1), ("channel", 7, 4, "dynamic", 1, 1)])
-def test_dsq_scan_matches_the_eager_cache(kind, n, bits, mode, nA, g, kern, monkeypatch):
+def test_dsq_scan_matches_the_eager_cache(kind, n, bits, mode, nA, g, native_build, monkeypatch):
     """The C recurrence over l tokens on the integer cache (vector and scalar lanes, packed and
     int8 codes, per-head and per-state A, every quantizer it covers) against the eager read ->
     update -> write, token by token: codes and scales bit for bit. Exact by construction on any
@@ -129,9 +120,9 @@ def test_dsq_scan_matches_the_eager_cache(kind, n, bits, mode, nA, g, kern, monk
     gen = torch.Generator().manual_seed(11)
     b, d, length = 2, 8, 5
     q = StateQuantizer(kind, bits, d, n, headdim=4, scale_mode=mode)
-    with forced(kern.isa):
+    with forced(native_build.isa):
         assert qscan.use_cpu_kernel(q, torch.zeros(1))
-        assert registry.lookup("dsq_scan", "cpu").impl == kern.isa
+        assert registry.lookup("dsq_scan", "cpu").impl == native_build.isa
     q.mode = "observe"
     q.observe(torch.randn(4, d, n, generator=gen) * 3)
     q.finish_calibration()
@@ -139,11 +130,11 @@ def test_dsq_scan_matches_the_eager_cache(kind, n, bits, mode, nA, g, kern, monk
     x, dt = torch.randn(b, length, d, generator=gen), torch.rand(b, length, d, generator=gen)
     B, C = torch.randn(b, length, g, n, generator=gen), torch.randn(b, length, g, n, generator=gen)
     fast, ref = q.allocate(b), q.allocate(b)
-    with forced(kern.isa):
+    with forced(native_build.isa):
         y = qscan.kernel_scan(fast, x, dt, A, B, C)
     monkeypatch.setattr(qscan, "compile_enabled", lambda: False)     # the eager step, whatever the environment
     monkeypatch.setattr(qscan, "_COMPILED", {})
-    monkeypatch.setattr(torch, "exp", functools.partial(kernel_exp, exp_f32=kern.exp_f32))
+    monkeypatch.setattr(torch, "exp", functools.partial(kernel_exp, exp_f32=native_build.exp_f32))
     with forced("torch"):
         y_ref = torch.stack([ref.step(x[:, t], dt[:, t], A, B[:, t], C[:, t]) for t in range(length)], dim=1)
     monkeypatch.undo()

@@ -57,15 +57,6 @@ def kernel():
         pytest.skip(f"no C kernel here: {cpu_native.unavailable_reason()}")
 
 
-@pytest.fixture(params=cpu_features.ISAS)
-def build(request):
-    """The kernels of one build (skips where this CPU lacks it or it does not build)."""
-    native = cpu_native.native(request.param)
-    if native is None:
-        pytest.skip(f"no {request.param} C kernel here: {cpu_native.error(request.param)}")
-    return native
-
-
 def _compile(dest, *defines):
     """The real source of the best build, compiled with the project's flags plus `defines`, at `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -238,14 +229,14 @@ def test_valid_codes_load():
     QLinear(7, 3, True, 4).load_state_dict(q.state_dict())                      # odd size: padding nibble
 
 
-def test_minus_128_is_what_the_avx2_build_gets_wrong(build):
+def test_minus_128_is_what_the_avx2_build_gets_wrong(native_build):
     """Why -128 is refused: the AVX2 product (|x| * sign(x)w) cannot negate it, so that build
     disagrees with the others (which get it right: the VNNI builds add 128 to the activations
     and subtract 128 * sum(w), the portable one multiplies plainly)."""
     q_x = torch.full((1, 64), -1, dtype=torch.int8)
     w = torch.full((4, 64), -128, dtype=torch.int8)
-    out = build.i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 0, None)
-    assert torch.equal(out, (q_x.long() @ w.long().t()).float()) == (build.isa != "avx2")
+    out = native_build.i8_linear(q_x, torch.ones(1), w, torch.ones(4, 1), 0, None)
+    assert torch.equal(out, (q_x.long() @ w.long().t()).float()) == (native_build.isa != "avx2")
 
 
 # ---------------------------------------------------------------------------------- group sizes
@@ -283,13 +274,13 @@ def _big_operands():
 
 
 @pytest.mark.parametrize("k", [K_BIG, K_BIG - 1])              # a 32-column tail / none (140000 = 4375 * 32)
-def test_kernel_sums_are_exact_beyond_int32(build, k):
+def test_kernel_sums_are_exact_beyond_int32(native_build, k):
     x, w, _ = _big_operands()
     x, w = x[:, :k].contiguous(), w[:, :k].contiguous()
     exact = x.long() @ w.long().t()
     assert exact.abs().max() > 2 ** 31
     for _ in range(3):                  # VNNI row sums: summed in the kernel, then cached, reused
-        assert torch.equal(build.i8_linear(x, torch.ones(2), w, torch.ones(5, 1), 0, None), exact.float())
+        assert torch.equal(native_build.i8_linear(x, torch.ones(2), w, torch.ones(5, 1), 0, None), exact.float())
 
 
 def test_torch_integer_sums_are_exact_beyond_int32():
@@ -331,17 +322,17 @@ def _fma_sensitive_inputs(exp_f32):
 
 
 @pytest.mark.parametrize("n", [16, 5])                         # vector lanes / scalar
-def test_state_update_rounds_like_eager_without_fma(build, n):
+def test_state_update_rounds_like_eager_without_fma(native_build, n):
     """The kernel claims eager rounding (-ffp-contract=off): on inputs where one fused
     multiply-add changes the code, its code is eager's, and so is torch's eager result."""
-    a, q, x, bb, code = _fma_sensitive_inputs(build.exp_f32)
+    a, q, x, bb, code = _fma_sensitive_inputs(native_build.exp_f32)
     b, d, length = 1, 2, 1
     codes = torch.full((b, d, n), q, dtype=torch.int8)
     ones = torch.ones(b, length, d)
     B = torch.full((b, length, 1, n), bb)
-    y = build.dsq_scan(codes, torch.empty(0), torch.full((b, length, d), x), ones, torch.full((d, 1), a),
+    y = native_build.dsq_scan(codes, torch.empty(0), torch.full((b, length, d), x), ones, torch.full((d, 1), a),
                        B, torch.ones(b, length, 1, n), torch.ones(n), torch.ones(d, 1), False, 1, 127.0)
-    dA = build.exp_f32(torch.tensor([a]))
+    dA = native_build.exp_f32(torch.tensor([a]))
     h = dA * torch.tensor([float(q)]) + (torch.tensor([1.0]) * torch.tensor([x])) * torch.tensor([bb])
     assert torch.round(h).item() == code                         # eager torch: the boundary, half to even
     assert torch.equal(codes, torch.full_like(codes, code))
