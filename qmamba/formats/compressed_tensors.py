@@ -191,6 +191,14 @@ def export(model, sd: dict[str, Tensor]) -> tuple[dict, dict, dict]:
     for k, v in sd.items():
         if k not in used:
             main[k] = v
+    return main, ext, {"fields": fields(groups, ignore), "rotated": rotated, "groups": groups, "ignore": ignore}
+
+
+def fields(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
+    """compressed-tensors' fields of quantization_config from the linears grouped by scheme
+    (scheme -> module names, in model order) and the ignored modules (`export`'s; the streamed
+    quantization merges them over its blocks)."""
+    ignore = list(ignore)
     config_groups, formats = {}, set()
     for i, ((wb, gs, act, fmt), names) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0])):
         formats.add(fmt)
@@ -201,10 +209,9 @@ def export(model, sd: dict[str, Tensor]) -> tuple[dict, dict, dict]:
             "output_activations": None, "format": fmt}
     if "lm_head" not in {n for names in groups.values() for n in names}:
         ignore.append("lm_head")
-    fields = {"quant_method": CT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-              "quantization_status": "compressed", "config_groups": config_groups,
-              "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
-    return main, ext, {"fields": fields, "rotated": rotated}
+    return {"quant_method": CT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": config_groups,
+            "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
 
 
 # ---------------------------------------------------------------------------- import
