@@ -125,6 +125,57 @@ def _freeze(block):
             m.scale.data.clamp_(min=1e-12)
 
 
+def reconstruct_block(block, i: int, X_fp: Tensor, X_q: Tensor, qcfg, cfg: ESRConfig,
+                      g: torch.Generator, work: torch.device) -> tuple[Tensor, Tensor, dict]:
+    """ESR of one calibrated block (steps 1-3 of the module docstring), in place, on `work`:
+    X_fp, X_q (N, L, d_model) float32 inputs -> (next X_fp, next X_q, the block's record). `g`
+    orders the batches; one generator runs through all blocks (`reconstruct`, the streamed path)."""
+    block = block.to(work)
+    t0 = time.time()
+    fp_block = copy.deepcopy(block)
+    for m in fp_block.modules():
+        if isinstance(m, (ActQuantizer, StateQuantizer, KVQuantizer)):
+            m.mode = "off"
+    Y = _run(fp_block, X_fp, cfg.batch_size)                                # FP target
+    del fp_block
+    groups = _learnable(block, qcfg, cfg)
+    out = _run(block, X_q, cfg.batch_size)                                  # calibrated, exact
+    before = F.mse_loss(out, Y).item()
+    start_values = [p.detach().clone() for gr in groups for p in gr["params"]]
+    if groups:
+        mixer = block.mixer
+        if mixer.state_quant is not None:
+            mixer.state_sim = StateSim(cfg.sim, mixer.state_quant, cfg.chunk)
+        opt = torch.optim.AdamW(groups)
+        block.train()
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(len(X_q), generator=g).split(cfg.batch_size):
+                loss = F.mse_loss(block(X_q[idx]).float(), Y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        block.eval()
+        mixer.state_sim = None
+    after, kept = before, True
+    if groups:
+        out_after = _run(block, X_q, cfg.batch_size)                        # reconstructed, exact
+        after = F.mse_loss(out_after, Y).item()
+        kept = after <= before
+        if kept:
+            out = out_after
+        else:                             # reconstruction made this block worse: undo it
+            with torch.no_grad():
+                for p, v in zip((p for gr in groups for p in gr["params"]), start_values):
+                    p.copy_(v)
+            after = before
+        del out_after
+    _freeze(block)                        # rounds the weights to what training simulated
+    rec = {"block": i, "mse_before": before, "mse_after": after, "kept": kept,
+           "seconds": round(time.time() - t0, 2)}
+    log.info("ESR block %d: mse %.4g -> %.4g (%.1f s)", i, before, after, rec["seconds"])
+    return Y, out, rec                    # the block's exact outputs are the next block's inputs
+
+
 def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional[Path] = None,
                 progress: bool = True) -> list[dict]:
     """Run ESR in place on a model whose quantizers are installed and calibrated and whose
@@ -152,53 +203,10 @@ def reconstruct(model, qcfg, calib: Tensor, cfg: ESRConfig, resume_dir: Optional
     bar = tqdm(range(start, len(layers)), desc="ESR", unit="block", disable=not progress)
     g = torch.Generator().manual_seed(cfg.seed)
     for i in bar:
-        block = layers[i].to(work)
-        t0 = time.time()
-        fp_block = copy.deepcopy(block)
-        for m in fp_block.modules():
-            if isinstance(m, (ActQuantizer, StateQuantizer, KVQuantizer)):
-                m.mode = "off"
-        Y = _run(fp_block, X_fp, cfg.batch_size)                            # FP target
-        del fp_block
-        groups = _learnable(block, qcfg, cfg)
-        out = _run(block, X_q, cfg.batch_size)                              # calibrated, exact
-        before = F.mse_loss(out, Y).item()
-        start_values = [p.detach().clone() for gr in groups for p in gr["params"]]
-        if groups:
-            mixer = block.mixer
-            if mixer.state_quant is not None:
-                mixer.state_sim = StateSim(cfg.sim, mixer.state_quant, cfg.chunk)
-            opt = torch.optim.AdamW(groups)
-            block.train()
-            for _ in range(cfg.epochs):
-                for idx in torch.randperm(len(X_q), generator=g).split(cfg.batch_size):
-                    loss = F.mse_loss(block(X_q[idx]).float(), Y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-            block.eval()
-            mixer.state_sim = None
-        after, kept = before, True
-        if groups:
-            out_after = _run(block, X_q, cfg.batch_size)                    # reconstructed, exact
-            after = F.mse_loss(out_after, Y).item()
-            kept = after <= before
-            if kept:
-                out = out_after
-            else:                         # reconstruction made this block worse: undo it
-                with torch.no_grad():
-                    for p, v in zip((p for gr in groups for p in gr["params"]), start_values):
-                        p.copy_(v)
-                after = before
-            del out_after
-        _freeze(block)                    # rounds the weights to what training simulated
-        X_q, X_fp = out, Y                # the block's exact outputs are the next block's inputs
-        block.to(device)
-        rec = {"block": i, "mse_before": before, "mse_after": after, "kept": kept,
-               "seconds": round(time.time() - t0, 2)}
+        X_fp, X_q, rec = reconstruct_block(layers[i], i, X_fp, X_q, qcfg, cfg, g, work)
+        layers[i].to(device)
         records.append(rec)
-        bar.set_postfix(block=i, before=f"{before:.3g}", after=f"{after:.3g}")
-        log.info("ESR block %d: mse %.4g -> %.4g (%.1f s)", i, before, after, rec["seconds"])
+        bar.set_postfix(block=i, before=f"{rec['mse_before']:.3g}", after=f"{rec['mse_after']:.3g}")
         if resume_dir is not None:
             _save_block(model, resume_dir, i, X_fp, X_q, records, qcfg, cfg)
     return records
