@@ -239,3 +239,26 @@ def _blocks(model, weights, qcfg, calib, dtype, esr, observers, writer, stats, p
         if on_block is not None:
             on_block(rec)
     return groups, ignore, ext, records
+
+
+def too_big_for_memory(folder: Path, dtype: torch.dtype) -> Optional[str]:
+    """Why the float model of `folder` cannot be built in memory while block by block it can (a
+    phrase for the log), or None: the folder fits, or is not one the streamed path takes (then
+    the in-memory path says what is wrong)."""
+    from ..models.budget import META_BYTES_PER_LAYER, available_memory, human, model_size
+
+    try:
+        raw = read_config(folder)
+        if "quantization_config" in raw:
+            return None
+        cfg = model_config(raw, detect_format(raw))
+        if cfg.model_type in HYBRID_MODEL_TYPES:
+            return None
+        LazyWeights(folder)                     # safetensors, readable
+    except QMambaError:
+        return None
+    need = model_size(cfg).parameters * torch.empty((), dtype=dtype).element_size() + cfg.n_layer * META_BYTES_PER_LAYER
+    avail = available_memory()
+    if avail is None or need <= avail:
+        return None
+    return f"the {str(dtype).replace('torch.', '')} model needs {human(need)}, more than the {human(avail)} available"
