@@ -5,7 +5,9 @@ two proxy-task accuracies, estimated memory (weights + state at batch 1 of the d
 from the shapes, vs an FP16 model) and quantization time. The float row is labelled with the dtype
 it is computed in (FP32 by default). Each row is also compared with the float model on the test
 text and on out-of-domain texts: KL divergence, top-1 agreement and perplexity ratio, with 95%
-intervals, and whether a row's KL divergence differs from the baseline row's (dsq).
+intervals, and whether a row's KL divergence differs from the baseline row's (dsq) at the same
+config. On a hybrid (attention layers, e.g. `qmamba compare ref-hybrid`) every method runs at
+W8A8H4, W8A8H4KV8 and W8A8H4KV4, and the memory counts the KV cache after one window (--seqlen).
 Prints Markdown tables; --json and --plot write the results and a plot.
 
 Every method sees the same calibration windows and the same evaluation data.
@@ -48,6 +50,7 @@ ROWS = {
     "qmamba-group": ("qmamba", {"state_quant": "group"}),
 }
 DEFAULT_METHODS = "fp,rtn,smoothquant,quamba,rtn-channel,dsq,qmamba"
+HYBRID_CONFIGS = ("w8a8h4", "w8a8h4kv8", "w8a8h4kv4")     # the default configs of a model with attention
 # out-of-domain test texts (scripts/build_heldout.py): never seen in training, never used for a choice
 HELDOUT = HELDOUT_TEXTS
 
@@ -57,7 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--config", action="append", metavar="CONFIG",
-                   help="WxAyHz config; repeat for several (default w8a8h4)")
+                   help="WxAyHz[KVk] config; repeat for several (default w8a8h4; on a hybrid, with attention "
+                        "layers: w8a8h4, w8a8h4kv8 and w8a8h4kv4)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated rows among {', '.join(ROWS)} (default: {DEFAULT_METHODS})")
     p.add_argument("--ppl", type=Path, metavar="FILE", help="test text (default: the shipped test text)")
@@ -200,12 +204,15 @@ def run(args) -> int:
         raise QMambaError("compare needs a float model; this one is already quantized")
     if loaded.tokenizer is None:
         raise QMambaError(f"model {args.model} has no tokenizer; pass --tokenizer PATH")
+    kv_layers = any(spec.per_token for mixer in loaded.model.mixers() for spec in mixer.states())
+    if kv_layers and not args.config:     # a hybrid: the KV cache too, at 8 and 4 bits
+        configs = [QuantConfig.parse(c).name for c in HYBRID_CONFIGS]
     tasks = tuple(t for t in args.tasks.split(",") if t.strip())
     setup = EvalSetup(
         test_ids=tokenize_text_file(args.ppl or TEST_TEXT, loaded.tokenizer),
         calib_ids=calibration_ids(loaded.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed),
         seqlen=args.seqlen, max_tokens=args.max_tokens or None, tasks=tasks, limit=args.limit or None,
-        batch_size=args.batch_size, kld=not args.no_kld,
+        batch_size=args.batch_size, kld=not args.no_kld, memory_context=args.seqlen if kv_layers else 0,
         texts={name: tokenize_text_file(path, loaded.tokenizer)[:args.text_max_tokens] for name, path in texts.items()})
     rows = []
     for name in names:
@@ -234,7 +241,8 @@ def run(args) -> int:
     scope = (f"{loaded.name}; perplexity: {results[0]['tokens']:,} tokens of "
              f"{Path(args.ppl or TEST_TEXT).name} in windows of {args.seqlen}; tasks: "
              f"{', '.join(tasks) or 'none'}" + (f" (first {args.limit} items each)" if args.limit else "") +
-             f"; calibration {args.nsamples} x {args.calib_seqlen} tokens; memory estimated at batch 1")
+             f"; calibration {args.nsamples} x {args.calib_seqlen} tokens; memory estimated at batch 1" +
+             (f" with {args.seqlen:,} tokens in the KV cache" if kv_layers else ""))
     print()
     print(table)
     if distances:

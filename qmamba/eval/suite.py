@@ -13,14 +13,18 @@ from typing import Callable, Optional
 import torch
 
 from ..models.lm import MambaLM
-from .memory import cast_float_weights, memory_report
+from .memory import cast_float_weights, context_state_bytes, fp16_context_state_bytes, memory_report
 from .perplexity import perplexity
 
 FP = "fp"
 FLOAT_NAMES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16", torch.float64: "FP64"}
 # what the memory figures are: an estimate from shapes, of the deployed form, not a measurement
-MEMORY_BASIS = ("weights + state at batch {batch} of the deployed form (integer codes and scales as stored, "
-                "float parts counted in FP16), computed from the shapes on a meta-device copy, not measured")
+MEMORY_BASIS = ("weights + state at batch {batch}{context} of the deployed form (integer codes and scales as "
+                "stored, float parts counted in FP16), computed from the shapes on a meta-device copy, not measured")
+
+
+def memory_basis(batch: int, context: int = 0) -> str:
+    return MEMORY_BASIS.format(batch=batch, context=f" (KV cache after {context:,} tokens)" if context else "")
 
 
 def float_config(model: MambaLM) -> str:
@@ -40,6 +44,7 @@ class EvalSetup:
     limit: Optional[int] = None
     batch_size: int = 16
     memory_batch: int = 1
+    memory_context: int = 0               # tokens in the KV cache of attention layers (hybrids)
     progress: bool = False
     test_name: str = "test"               # the name of test_ids in tables
     texts: dict = field(default_factory=dict)     # more held-out texts: name -> token ids
@@ -56,20 +61,27 @@ class Row:
     results: dict = field(default_factory=dict)
 
 
-def memory_of(model: MambaLM, batch: int) -> dict:
+def memory_of(model: MambaLM, batch: int, context: int = 0) -> dict:
     """Weights + state bytes at `batch` of the deployed form of `model` (float parts in FP16),
-    estimated from the shapes of a meta-device copy with the same modules (quantization does not
-    change shapes by calibration), not measured on the model itself, vs the FP16 model."""
+    with the KV cache of attention layers (hybrids) after `context` tokens, estimated from the
+    shapes of a meta-device copy with the same modules (quantization does not change shapes by
+    calibration), not measured on the model itself, vs the FP16 model."""
     from ..methods.checkpoint import build_structure
 
     meta = build_structure(model.config, model.quant_config, model.quant_method)
     cast_float_weights(meta, torch.float16)
     rep = memory_report(meta, (batch,))
     b = rep["batches"][str(batch)]
-    return {"weights": rep["weights"]["total"], "state": b["state"]["total"], "ssm_state": b["state"]["ssm"],
-            "total": b["total"], "total_fp16": b["total_fp16"], "ratio": b["total_ratio"],
-            "ssm_ratio": b["ssm_ratio"], "batch": batch, "estimated": True,
-            "basis": MEMORY_BASIS.format(batch=batch)}
+    out = {"weights": rep["weights"]["total"], "state": b["state"]["total"], "ssm_state": b["state"]["ssm"],
+           "total": b["total"], "total_fp16": b["total_fp16"], "ratio": b["total_ratio"],
+           "ssm_ratio": b["ssm_ratio"], "batch": batch, "estimated": True, "basis": memory_basis(batch, context)}
+    if context:
+        kv = context_state_bytes(meta, batch, context)["by_kind"].get("kv", 0)
+        kv16 = fp16_context_state_bytes(meta, batch, context).get("kv", 0)
+        out.update(kv=kv, kv_fp16=kv16, context=context, state=out["state"] + kv, total=out["total"] + kv,
+                   total_fp16=out["total_fp16"] + kv16)
+        out["ratio"] = out["total"] / out["total_fp16"]
+    return out
 
 
 def _distances(model: MambaLM, fp_model: MambaLM, setup: EvalSetup) -> dict:
@@ -134,7 +146,7 @@ def run_row(fp_model: MambaLM, tokenizer, row: Row, setup: EvalSetup, quantize: 
         if model.quant_state.records is not None:
             res["esr"] = model.quant_state.records
     res.update(evaluate(model, tokenizer, setup, fp_model))
-    res["memory"] = memory_of(model, setup.memory_batch)
+    res["memory"] = memory_of(model, setup.memory_batch, setup.memory_context)
     return res
 
 
@@ -180,7 +192,8 @@ def markdown(results: list[dict], fp_ppl: Optional[float] = None) -> str:
                  f"{mem['ratio'] * 100:.1f}%", f"{r['quant_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if results:
-        lines += ["", f"est. memory: {MEMORY_BASIS.format(batch=results[0]['memory'].get('batch', 1))}."]
+        mem0 = results[0]["memory"]
+        lines += ["", f"est. memory: {memory_basis(mem0.get('batch', 1), mem0.get('context', 0))}."]
         if task_names:
             lines.append("Accuracies: value ± standard error over the task's items.")
     return "\n".join(lines)
@@ -189,14 +202,17 @@ def markdown(results: list[dict], fp_ppl: Optional[float] = None) -> str:
 def distance_markdown(results: list[dict], baseline: Optional[str] = None) -> str:
     """Per held-out text: perplexity vs the float model, mean KL divergence to it and top-1
     agreement with their 95% intervals over windows. With `baseline` (a row label), a KLD marked
-    * differs from that row's beyond the 95% interval of the paired difference (same windows)."""
+    * differs from that row's at the same config beyond the 95% interval of the paired difference (same windows)."""
     from .kld import paired_interval, significant
 
     rows = [r for r in results if r.get("texts")]
     if not rows:
         return ""
     names = list(rows[0]["texts"])
-    base = next((r for r in rows if r["label"] == baseline), None)
+    bases = {}                            # the baseline row of each config (the first one seen)
+    for r in rows:
+        if r["label"] == baseline:
+            bases.setdefault(r["config"], r)
     head = ["method", "config"]
     for n in names:
         head += [f"{n}: ppl vs FP", f"{n}: KLD [95% CI]", f"{n}: top-1 agree"]
@@ -207,6 +223,7 @@ def distance_markdown(results: list[dict], baseline: Optional[str] = None) -> st
             t = r["texts"][n]
             ratio, k, a = t["ppl_ratio"], t["kld"], t["top1_agreement"]
             mark = ""
+            base = bases.get(r["config"])
             if (base is not None and r is not base and r["method"] != FP
                     and significant(paired_interval(t, base["texts"][n]))):
                 mark = "*"
@@ -217,6 +234,6 @@ def distance_markdown(results: list[dict], baseline: Optional[str] = None) -> st
     t0 = rows[0]["texts"]
     lines += ["", "Texts: " + "; ".join(f"{n} ({t0[n]['tokens']:,} predicted tokens, {t0[n]['windows']} windows)"
                                        for n in names) + ". Intervals: bootstrap over windows." +
-              (f" * = KLD differs from {baseline}'s on the same windows (95% paired interval excludes 0)."
-               if base is not None else "")]
+              (f" * = KLD differs from {baseline}'s at the same config on the same windows (95% paired "
+               "interval excludes 0)." if bases else "")]
     return "\n".join(lines)
