@@ -58,6 +58,8 @@ def add_quant_args(p: argparse.ArgumentParser, config_flag: str = "--quant", def
     g.add_argument("--state-rounding", choices=ROUNDINGS, default="nearest", help="state write rounding")
     g.add_argument("--a-dynamic", action="store_true", help="dynamic per-token activation scales (default static per-tensor)")
     g.add_argument("--w-group-size", type=int, default=0, metavar="G", help="weight groups along the input dim (default per channel)")
+    g.add_argument("--kv-group-size", type=int, default=32, metavar="G",
+                   help="tokens per key scale of a quantized KV cache (hybrids; default %(default)s)")
     g.add_argument("--quantize-head", action="store_true", help="also quantize embedding and lm_head")
     add_method_option_args(p)
 
@@ -135,7 +137,7 @@ def option_flag(options: type):
 def quant_options(args) -> dict:
     """QuantConfig keyword options from the parsed quantization arguments."""
     opts = dict(state_rounding=args.state_rounding, a_dynamic=args.a_dynamic,
-                w_group_size=args.w_group_size, quantize_head=args.quantize_head)
+                w_group_size=args.w_group_size, quantize_head=args.quantize_head, kv_group_size=args.kv_group_size)
     if args.state_quant:
         opts["state_quant"] = args.state_quant
     if args.state_scale:

@@ -1,7 +1,7 @@
-"""`qmamba compare` on a hybrid (Mamba2 + attention + MLP): every method at W8A8H4, W8A8H4KV8 and
-W8A8H4KV4 by default, each row the model `qmamba.quantize` makes at that config, the memory
-column counting the KV cache after one window, and the KLD marks against the baseline row of the
-same config."""
+"""`qmamba compare` and `qmamba quantize` on a hybrid (Mamba2 + attention + MLP). compare: every
+method at W8A8H4, W8A8H4KV8 and W8A8H4KV4 by default, each row the model `qmamba.quantize` makes
+at that config, the memory column counting the KV cache after one window, the KLD marks against
+the baseline row of the same config. quantize: the KV key-group size."""
 
 from __future__ import annotations
 
@@ -75,3 +75,18 @@ def test_an_explicit_config_overrides_the_hybrid_default(tiny_hybrid, tmp_path):
     assert main(["compare", str(tiny_hybrid), "--methods", "rtn", "--config", "w8a8h4kv4", *SMALL, "--no-kld",
                  "--json", str(out)]) == 0
     assert [r["config"] for r in json.loads(out.read_text())["results"]] == ["W8A8H4KV4"]
+
+
+def test_quantize_takes_the_kv_group_size(tiny_hybrid, tmp_path, capsys):
+    """--kv-group-size sets the tokens per key scale; the saved folder keeps it."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_hybrid), "--config", "w8a8h4kv4", "--method", "rtn", "--kv-group-size", "16",
+                 "--nsamples", "2", "--calib-seqlen", "32", "--out", str(out)]) == 0
+    model = qmamba.load(out).model
+    kv = [m.kv_quant for m in model.mixers() if getattr(m, "kv_quant", None) is not None]
+    assert kv and {q.group_size for q in kv} == {16} and model.quant_config.kv_group_size == 16
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_hybrid), "--config", "w8a8h4kv4", "--kv-group-size", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "group sizes must be positive" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
