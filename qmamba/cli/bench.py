@@ -10,19 +10,24 @@ Each variant runs in a fresh process (peak memory is per process), with a warm-u
 of a real checkpoint (mamba-130m, mamba2-130m, mamba2-370m, ...) with random weights. The
 quantized model keeps an int8 embedding/lm_head; "quant" runs as integers (int8 x int8 -> int32
 products, int8 weight reads in the head), "quant-sim" through dequantized float weights.
+
+`--against llama.cpp` runs llama.cpp's own `llama-bench` beside qmamba on the same model folder
+(GGUF made by llama.cpp's converter and quantizer), in alternating rounds, batch 1: see
+`qmamba.cli.bench_llamacpp` and docs/against-llamacpp.md. `--llama-cpp-build` builds llama.cpp's
+tools into the cache first (downloads the pinned llama-cpp-python sdist; takes a while).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from ..errors import QMambaError
 from ..utils.io import atomic_write_json, check_output
+from .bench_child import fill_defaults as _defaults
+from .bench_child import run_child as _child
 from .common import positive_ints
 
 MAX_TOKENS = 1 << 16      # prompt or generation lengths beyond this are a mistake here
@@ -36,15 +41,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quant", default="w8a8h4", metavar="CONFIG", help="quantized variant's config (default w8a8h4)")
     p.add_argument("--method", default="qmamba", help="method whose modules the quantized variant has (default qmamba)")
     p.add_argument("--variants", default="", help="comma-separated subset of fp32,bf16,fp16,quant,quant-sim")
-    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--batch", help="comma-separated batch sizes (default 1,16; 1 with --against)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 512; 128 with --against)")
+    p.add_argument("--gen-len", type=int, help="generated tokens (default 128; 64 with --against)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", help="CPU threads (default: all cores; with --against a comma-separated "
+                                     "list, default 1 and all cores)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", type=Path, metavar="OUT")
+    g = p.add_argument_group("llama.cpp beside qmamba")
+    g.add_argument("--against", choices=["llama.cpp"], help="also run llama.cpp's llama-bench on the same model")
+    g.add_argument("--llama-bench", metavar="PATH",
+                   help="llama-bench binary (default $QMAMBA_LLAMA_BENCH, else the --llama-cpp-build one)")
+    g.add_argument("--llama-types", default="f32,q8_0,q4_0", metavar="TYPES",
+                   help="GGUF types to run (default f32,q8_0,q4_0)")
+    g.add_argument("--rounds", type=int, default=3, help="alternating rounds of both sides (default 3)")
+    g.add_argument("--llama-cpp-build", action="store_true",
+                   help="download the pinned llama.cpp source and build its tools into the cache, then exit")
     p.set_defaults(func=run)
     return p
+
 
 
 
@@ -100,23 +116,17 @@ def _check_size(args, batch: int) -> None:
                                  f"(d_model {cfg.d_model:,}, vocabulary {cfg.vocab_size:,})", args.device)
 
 
-def _child(kwargs: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(kwargs["threads"]))
-    r = subprocess.run([sys.executable, "-m", "qmamba.eval.bench", json.dumps(kwargs)],
-                       capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        if r.returncode < 0:
-            last = f"killed by signal {-r.returncode}" + (" (out of memory?)" if r.returncode == -9 else "")
-        raise QMambaError(f"benchmark of {kwargs['variant']} failed: {last}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
 
 def _mib(b) -> str:
     return f"{b / 2 ** 20:,.1f}"
 
 
 def run(args) -> int:
+    if args.llama_cpp_build or args.against:
+        from . import bench_llamacpp
+
+        return bench_llamacpp.run(args)
+    _defaults(args)
     from ..eval.bench import copy_bandwidth
 
     batches, variants = _check(args)

@@ -90,6 +90,21 @@ def build(model_name: str, variant: str, quant: str, method: str, device: torch.
     return model.to(device).eval(), source
 
 
+def shape_folder(model_name: str, root):
+    """A transformers-style folder (config.json + model.safetensors, no tokenizer) holding the
+    float model of shape `model_name` with the random weights `build` gives it: what another
+    runtime's converter can read. Made once under `root`; returns its path."""
+    from pathlib import Path
+
+    from ..models.save import save_model
+
+    out = Path(root) / f"{model_name}-random-seed0"     # `_randomize`'s seed
+    if not (out / "config.json").is_file():
+        model, _ = build(model_name, "fp32", "", "", torch.device("cpu"))
+        save_model(model, out, force=True)
+    return out
+
+
 @torch.no_grad()
 def run_variant(model_name: str, variant: str, quant: str, method: str, batch: int, prompt_len: int,
                 gen_len: int, reps: int, device_name: str, threads: int, folder: str | None = None) -> dict:
