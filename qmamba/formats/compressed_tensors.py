@@ -1,7 +1,7 @@
 """qmamba's quantized tensors <-> compressed-tensors (the format of llm-compressor, loaded by
 transformers' `CompressedTensorsHfQuantizer` and by vLLM), plus qmamba's extension.
 
-A quantized folder (format_version 2) holds
+A quantized folder (format_version 2) holds (hybrids: see qmamba.formats.hybrids)
 
   model.safetensors            what every loader reads, under transformers' names:
       <linear>.weight          int8 (out, in) codes, W5..W8            format int-quantized
@@ -33,10 +33,13 @@ the packing is re-implemented here); tests check both against the library.
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .hybrids import EXPERT, EXPERT_TARGET, float_expert, from_transformers, hybrid_config, to_transformers
 
 FORMAT_VERSION = 2
 CT_METHOD = "compressed-tensors"
@@ -97,6 +100,8 @@ UNPACKED = ("out_proj", "dt_proj")
 def _weight_format(bits: Optional[int], name: str = "") -> str:
     if bits is None:
         return "dense"
+    if EXPERT.fullmatch(name):         # transformers 5.x dequantizes experts only when packed
+        return "pack-quantized"
     if bits <= 4 and not name.endswith(UNPACKED):
         return "pack-quantized"
     return "int-quantized"
@@ -122,9 +127,14 @@ def _is_rotated(lin) -> bool:
 def _regex(name: str) -> str:
     """A target that matches this linear in every layer (re: prefixed, as compressed-tensors
     and vLLM match module names)."""
+    if EXPERT.fullmatch(name):         # every routed expert of a scheme: one target
+        return EXPERT_TARGET
     parts = name.split(".")
-    if len(parts) > 3 and parts[0] == "backbone" and parts[1] == "layers":
-        return r"re:.*layers\.\d+\." + r"\.".join(parts[3:]) + "$"
+    if len(parts) > 3 and parts[0] in ("backbone", "model") and parts[1] == "layers":
+        # transformers 5.x takes the first group with a regex target that says "experts" for
+        # the routed experts' scheme: the shared expert's target must not say it
+        rest = [r"shared_[^.]+" if p == "shared_experts" else re.escape(p) for p in parts[3:]]
+        return r"re:.*layers\.\d+\." + r"\.".join(rest) + "$"
     return name
 
 
@@ -141,9 +151,21 @@ def export(model, sd: dict[str, Tensor]) -> tuple[dict, dict, dict]:
     main, ext, used = {}, {}, set()
     groups: dict[tuple, list[str]] = {}
     ignore, rotated = [], []
+    hybrid, experts = hybrid_config(model), False
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear):
             keys = [k for k in sd if k.startswith(name + ".") and k[len(name) + 1:] != "bias"]
+            expert = hybrid is not None and EXPERT.fullmatch(name) is not None
+            if float_expert(hybrid, name, mod.w_bits):
+                # other loaders get the weight dequantized in float and no input quantization
+                # (qmamba.formats.hybrids); qmamba keeps codes and scales in the extension
+                ext.update((k, sd[k].clone() if ".input_quant." in k else sd[k])     # shared by a group
+                           for k in keys if k != name + ".weight")
+                main[name + ".weight"] = mod.dequantized_weight(torch.float32).to(
+                    model.backbone.norm_f.weight.dtype).contiguous()
+                used.update(keys)
+                experts = True
+                continue
             if _is_rotated(mod):
                 # compressed-tensors cannot rotate an input (transformers applies no transform
                 # config): transformers gets the int weights dequantized and un-rotated in
@@ -159,6 +181,9 @@ def export(model, sd: dict[str, Tensor]) -> tuple[dict, dict, dict]:
                 used.update(keys)
                 continue
             iq = _act_quantizer(model, name, mod)
+            if expert:                  # Nemotron-H's: pack-quantized weights only (qmamba.formats.hybrids)
+                ext.update((k, sd[k].clone()) for k in keys if ".input_quant." in k)
+                iq = None
             if mod.w_bits is None:
                 main[name + ".weight"] = sd[name + ".weight"]
             elif _weight_format(mod.w_bits, name) == "pack-quantized":
@@ -171,7 +196,7 @@ def export(model, sd: dict[str, Tensor]) -> tuple[dict, dict, dict]:
                 main[name + ".weight_scale"] = mod.w_scale.detach().float().reshape(mod.out_features, -1).contiguous()
             if iq is not None and not iq.dynamic:
                 main[name + ".input_scale"] = iq.scale.detach().float().reshape(1).clone()
-            else:                                           # a dynamic quantizer's unused scale
+            elif not expert:                                # a dynamic quantizer's unused scale
                 ext.update((k, sd[k]) for k in keys if k.endswith("input_quant.scale"))
             used.update(keys)
             scheme = (mod.w_bits, mod.group_size if mod.w_bits else 0,
@@ -191,6 +216,8 @@ def export(model, sd: dict[str, Tensor]) -> tuple[dict, dict, dict]:
     for k, v in sd.items():
         if k not in used:
             main[k] = v
+    if hybrid is not None:              # transformers' names: tensors, targets, ignored modules
+        main, groups, ignore = to_transformers(hybrid, main, groups, ignore, experts)
     return main, ext, {"fields": fields(groups, ignore), "rotated": rotated, "groups": groups, "ignore": ignore}
 
 
@@ -236,6 +263,8 @@ def import_(model, main: dict[str, Tensor], ext: dict[str, Tensor]) -> dict[str,
 
     sd, skip = dict(ext), set()
     expected = model.state_dict()
+    if hybrid_config(model) is not None:                # transformers' names -> qmamba's
+        main = from_transformers(hybrid_config(model), main)
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear):
             if name + ".weight_scale" not in main and name + ".input_scale" not in main:
@@ -278,7 +307,10 @@ class transformers_view:
       * Mamba1 x_proj's input quantized with quant_x's scale (its input_scale), although the scan
         input x is not; Mamba1 dt_proj's input not quantized (transformers' MambaMixer multiplies
         by dt_proj.weight directly, past the module that would quantize its input);
-      * a Hadamard-rotated out_proj (Quamba) without its input quantizer (stored float, un-rotated).
+      * a Hadamard-rotated out_proj (Quamba) without its input quantizer (stored float, un-rotated);
+      * hybrids: the KV cache in float (compressed-tensors' kv_cache_scheme cannot say qmamba's
+        int8/int4 cache) and the routed experts without input quantizers (stored dequantized in
+        float: transformers' fused experts are no nn.Linear that compressed-tensors quantizes).
     Static per-tensor scales are then applied identically, and with `ct_clamp` (the default) the
     codes are clamped to compressed-tensors' [-2^(A-1), 2^(A-1) - 1] instead of qmamba's
     +-(2^(A-1) - 1), which matters only for activations beyond the calibrated range: the view then
@@ -305,6 +337,12 @@ class transformers_view:
                     self._set(q, "mode", "off")
             if mixer.state_quant is not None:
                 self._set(mixer.state_quant, "mode", "off")
+            if getattr(mixer, "kv_quant", None) is not None:     # a hybrid's attention: float KV
+                self._set(mixer, "kv_quant", None)
+            for expert in getattr(mixer, "experts", None) or ():  # routed experts: float inputs (their
+                for lin in (expert.up_proj, expert.down_proj):    # quantizer is the shared expert's too)
+                    if isinstance(getattr(lin, "input_quant", None), ActQuantizer):
+                        self._set(lin, "input_quant", nn.Identity())
             for name in ("x_proj", "dt_proj", "out_proj"):
                 lin = getattr(mixer, name, None)
                 iq = getattr(lin, "input_quant", None)

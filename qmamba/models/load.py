@@ -184,6 +184,63 @@ def hybrid_weights(cfg: ModelConfig, sd: StateDict) -> StateDict:
     return out
 
 
+_QMAMBA_LAYER = re.compile(r"backbone\.layers\.(\d+)\.(norm|mixer)\.(.+)")
+_QMAMBA_EXPERT = re.compile(r"experts\.(\d+)\.(up_proj|down_proj)\.weight")
+_GRANITE_FFN = (("gate.", "block_sparse_moe.router.layer."), ("shared_experts.up_proj.", "shared_mlp.input_linear."),
+                ("shared_experts.down_proj.", "shared_mlp.output_linear."), ("up_proj.", "shared_mlp.input_linear."),
+                ("down_proj.", "shared_mlp.output_linear."))
+
+
+def transformers_names(cfg: ModelConfig, sd: StateDict) -> StateDict:
+    """The inverse of `hybrid_weights`: qmamba's tensors of a hybrid under the names and layouts
+    that transformers' checkpoints use (any suffix: `.weight`, `.weight_scale`, ...); other
+    models unchanged. Nemotron-H: qmamba's names are already the checkpoint's (`backbone.*`,
+    routed experts one linear each, which transformers 5.x fuses while loading). Granite-4.0-H:
+    blocks 2i and 2i+1 are layer i (`input_layernorm` + `mamba` or `self_attn`;
+    `post_attention_layernorm` + `block_sparse_moe` + `shared_mlp`), the routed experts' float
+    weights stacked into (experts, out, in) `input_linear` / `output_linear`."""
+    if cfg.model_type != "granitemoehybrid":
+        return dict(sd)
+    out: StateDict = {}
+    experts: dict[tuple, dict[int, Tensor]] = {}
+    for k, v in sd.items():
+        if k == EMBEDDINGS:
+            out["model.embed_tokens.weight"] = v
+            continue
+        if k == "backbone.norm_f.weight":
+            out["model.norm.weight"] = v
+            continue
+        m = _QMAMBA_LAYER.match(k)
+        if m is None:
+            out[k] = v                                                       # lm_head.weight
+            continue
+        block, part, rest = int(m.group(1)), m.group(2), m.group(3)
+        i, ffn = divmod(block, 2)
+        pre = f"model.layers.{i}."
+        if part == "norm":
+            out[pre + ("post_attention_layernorm." if ffn else "input_layernorm.") + rest] = v
+        elif not ffn:
+            out[pre + ("self_attn." if cfg.layer_types[block] == "attention" else "mamba.") + rest] = v
+        elif (e := _QMAMBA_EXPERT.fullmatch(rest)) is not None:
+            experts.setdefault((i, e.group(2)), {})[int(e.group(1))] = v
+        else:
+            new = next((name + rest[len(old):] for old, name in _GRANITE_FFN if rest.startswith(old)), None)
+            if new is None or rest.startswith("experts."):
+                raise QMambaError(f"granitemoehybrid: no transformers name for {k} (a quantized routed expert "
+                                  "is written in float under transformers' names; its codes stay in qmamba's extension)")
+            out[pre + new] = v
+    for (i, proj), per in experts.items():                                  # (experts, out, in)
+        fused = "input_linear" if proj == "up_proj" else "output_linear"
+        out[f"model.layers.{i}.block_sparse_moe.{fused}.weight"] = torch.stack([per[e] for e in sorted(per)])
+    return out
+
+
+def transformers_module(cfg: ModelConfig, name: str) -> str:
+    """A qmamba module name (a linear, the embeddings) under transformers' names
+    (`transformers_names` of its `.weight`)."""
+    return next(iter(transformers_names(cfg, {name + ".weight": torch.empty(0)})))[: -len(".weight")]
+
+
 # ------------------------------------------------------------------------------------ checks
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")

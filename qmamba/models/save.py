@@ -19,17 +19,26 @@ from safetensors.torch import save_file
 from ..errors import QMambaError
 from ..utils.io import check_output, umask
 from .lm import MambaLM
+from .load import transformers_names
 
 log = logging.getLogger("qmamba")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+# transformers ties no head of these, whatever tie_word_embeddings says (5.x's NemotronH has
+# `_tied_weights_keys = {}`): a folder without lm_head.weight would load with a random head
+NEVER_TIED = ("nemotron_h",)
+
+
 def state_dict_for_save(model: MambaLM) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, without the tied lm_head (transformers drops it the same way)."""
+    """Contiguous tensors under qmamba's names, without a tied lm_head where transformers ties
+    it again on load (it drops it the same way)."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and model.config.model_type not in NEVER_TIED:
         sd.pop("lm_head.weight", None)
+    elif model.config.tie_embeddings and "lm_head.weight" in sd:        # its own copy on disk
+        sd["lm_head.weight"] = sd["lm_head.weight"].clone()
     return sd
 
 
@@ -131,8 +140,9 @@ def atomic_folder(out: Path, force: bool):
 def save_model(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force: bool = False,
                extra_config: Optional[dict] = None, tensors: Optional[dict] = None,
                files: Optional[dict] = None, json_files: Optional[dict] = None) -> Path:
-    """Save `model` with its transformers-style config.json, atomically: its state dict (or the
-    given `tensors`) as model.safetensors, or `files` ({file name: tensors}) as safetensors files,
+    """Save `model` with its transformers-style config.json, atomically: its state dict (a
+    hybrid's under transformers' names, `load.transformers_names`; or the given `tensors`) as
+    model.safetensors, or `files` ({file name: tensors}) as safetensors files,
     plus `json_files` ({file name: object}) and the tokenizer files of `tokenizer_dir`."""
     out = Path(out)
     tmp, commit, abort = atomic_folder(out, force)
@@ -141,8 +151,9 @@ def save_model(model: MambaLM, out, tokenizer_dir: Optional[Path] = None, force:
         cfg["torch_dtype"] = str(model.backbone.norm_f.weight.dtype).replace("torch.", "")
         cfg.update(extra_config or {})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if files is None:
-            files = {"model.safetensors": tensors if tensors is not None else state_dict_for_save(model)}
+        if files is None:               # a hybrid's tensors under transformers' names
+            files = {"model.safetensors": tensors if tensors is not None else
+                     transformers_names(model.config, state_dict_for_save(model))}
         for name, sd in files.items():
             save_file(sd, str(tmp / name), metadata={"format": "pt"})
         for name, obj in (json_files or {}).items():
