@@ -66,7 +66,7 @@ def quantize_low_memory(model_path, out, config: Union[str, QuantConfig] = "w8a8
     tokenizer: None (the folder's), a tokenizer folder / tokenizer.json path, or a tokenizer.
     Returns the run's figures (`qmamba.methods.streaming.quantize_folder`)."""
     from .api import resolve_dtype, resolve_model_path
-    from .methods.streaming import DEFAULT_SHARD_BYTES, quantize_folder
+    from .methods.streaming import DEFAULT_SHARD_BYTES, check_folder, quantize_folder
     from .utils.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     folder = resolve_model_path(model_path)
@@ -79,6 +79,7 @@ def quantize_low_memory(model_path, out, config: Union[str, QuantConfig] = "w8a8
     qcfg = resolve_config(config, method, seed=seed, **config_options)
     m = get_method(method)
     opts = m.make_options(method_options)
+    check_folder(folder, m, qcfg, opts)               # before the calibration text is read
     if isinstance(calib, torch.Tensor):
         ids = calib.long()
         if ids.dim() != 2:

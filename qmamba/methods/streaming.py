@@ -99,6 +99,13 @@ def check_supported(method: Method, qcfg: QuantConfig, opts, cfg=None) -> None:
         raise QMambaError(f"--low-memory supports Mamba and Mamba2 models, not {cfg.model_type}")
 
 
+def check_folder(folder: Path, method: Method, qcfg: QuantConfig, opts) -> None:
+    """What `quantize_folder` refuses, checked from the headers alone (before calibration)."""
+    weights = LazyWeights(folder)
+    _, cfg = _config(Path(folder), weights)
+    check_supported(method, qcfg, opts, cfg)
+
+
 def _config(folder: Path, weights: LazyWeights):
     raw = read_config(folder)
     if "quantization_config" in raw:
@@ -172,6 +179,12 @@ def quantize_folder(folder: Path, out: Path, qcfg: QuantConfig, method: Method, 
     return stats
 
 
+def _release(model, i: int) -> None:
+    """Block i back to the meta device: its tensors leave memory."""
+    with torch.device("meta"):
+        model.backbone.layers[i] = Block(model.config, model.backbone.layers[i].layer_type)
+
+
 def _blocks(model, weights, qcfg, calib, dtype, esr, observers, writer, stats, progress, on_block):
     """Step 2 of the module docstring for every block: (merged compressed-tensors groups, ignore
     list, extension tensors, ESR records or None)."""
@@ -231,8 +244,7 @@ def _blocks(model, weights, qcfg, calib, dtype, esr, observers, writer, stats, p
         for k in sorted(main):
             writer.add(k, main[k])
         del main, ext_i, holder, view
-        with torch.device("meta"):
-            layers[i] = Block(model.config, block.layer_type)      # the block leaves memory
+        _release(model, i)
         del block
         rec = {"block": i, "seconds": round(time.time() - t0, 2), "calibrate_seconds": round(t_calib, 2)}
         stats["blocks"].append(rec)

@@ -18,7 +18,13 @@ SHAPES = {
     "mamba-2.8b": dict(_M1, d_model=2560, n_layer=64),
     "mamba2-130m": dict(_M2, d_model=768, n_layer=24),
     "mamba2-370m": dict(_M2, d_model=1024, n_layer=48),
+    "mamba2-1.3b": dict(_M2, d_model=2048, n_layer=48),
     "mamba2-2.7b": dict(_M2, d_model=2560, n_layer=64),
+    # nvidia/mamba2-8b-3t-4k (Waleffe et al. 2024, "An Empirical Study of Mamba-based Language
+    # Models", Mamba-2 8B): 56 layers, d_model 4096, state 128, head 64, 8 groups, vocabulary
+    # 256000 (its 256K SentencePiece tokenizer), untied head (Megatron-LM's default). ~8.2e9
+    # parameters, 16.5 GB in bf16
+    "mamba2-8b": dict(_M2, vocab_size=256000, d_model=4096, n_layer=56, ngroups=8, tie_embeddings=False),
     # mistralai/Mamba-Codestral-7B-v0.1: 128 heads of 64, 8 groups, vocabulary 32768
     "codestral-mamba-7b": dict(_M2, vocab_size=32768, d_model=4096, n_layer=64, ngroups=8),
 }
