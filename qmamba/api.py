@@ -1,7 +1,7 @@
 """`qmamba.load`: one call from a name or a path to a model in eval mode and its tokenizer.
 
 What `name_or_path` may be, tried in this order:
-  1. a built-in reference model, `ref-mamba2` (the default) or `ref-mamba1`, shipped as
+  1. a built-in reference model, `ref-mamba2` (the default), `ref-mamba1` or `ref-hybrid`, shipped as
      `qmamba/assets/models/<name>/` (write `./ref-mamba2` for a local folder of that name);
   2. an existing local folder, in transformers or mamba_ssm format (see `qmamba.models.load`);
   3. a Hugging Face hub id `owner/name`: the local hub cache first, then the hub itself unless
@@ -26,7 +26,7 @@ from .models.load import load_folder
 from .utils.paths import MODELS_DIR
 from .utils.tokenizer import TOKENIZER_FILE, load_tokenizer
 
-REFERENCE_MODELS = ("ref-mamba2", "ref-mamba1")
+REFERENCE_MODELS = ("ref-mamba2", "ref-mamba1", "ref-hybrid")
 DEFAULT_MODEL = "ref-mamba2"
 REFERENCE_DIR = MODELS_DIR
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -138,7 +138,7 @@ def test_unknown_model_name():
 
 def test_reference_model(tiny_mamba2, tmp_path, monkeypatch):
     monkeypatch.setattr(api, "REFERENCE_DIR", tmp_path)
-    assert api.REFERENCE_MODELS == ("ref-mamba2", "ref-mamba1") and api.DEFAULT_MODEL == "ref-mamba2"
+    assert api.REFERENCE_MODELS == ("ref-mamba2", "ref-mamba1", "ref-hybrid") and api.DEFAULT_MODEL == "ref-mamba2"
     assert "missing from this installation" in error_of("ref-mamba1")
     shutil.copytree(tiny_mamba2[1], tmp_path / "ref-mamba2")
     loaded = qmamba.load("ref-mamba2")
