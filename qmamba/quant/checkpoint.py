@@ -59,7 +59,8 @@ def export_tensors(model: MambaLM) -> tuple[dict, dict, dict]:
               not_in_compressed_tensors=_not_expressed(model),
               vllm=("not servable: vLLM's MambaMixer (Mamba1) takes no quantization config; load this "
                     "folder with transformers or qmamba") if model.config.arch == "mamba1" else
-                   "the compressed-tensors part (float state); not verified by qmamba")
+                   "the compressed-tensors part (float SSM state, float KV cache); greedy tokens checked "
+                   "against qmamba's for W8A8 Mamba2 and Nemotron-H without routed experts (docs/serving.md)")
     return main, ext, {**info["fields"], ct.EXTENSION_KEY: qm}
 
 
@@ -75,6 +76,9 @@ def _not_expressed(model: MambaLM) -> list[str]:
     if qcfg.kv_bits is not None and any(state_spec(m, "kv") for m in model.mixers()):
         out.append(f"the KV{qcfg.kv_bits} cache of the attention layers (keys per channel over groups of "
                    f"{qcfg.kv_group_size} tokens, the filling group in float; values per token)")
+    if qcfg.a_bits is not None and (model.config.hybrid or {}).get("n_experts"):
+        out.append("the input quantization of the routed experts (Nemotron-H: stored weight-only; "
+                   "Granite-4.0-H: stored dequantized in float)")
     if model.quant_method == "quamba" and qcfg.w_bits is not None:
         out.append("the Hadamard rotation of out_proj's input (out_proj is stored dequantized and "
                    "un-rotated in float for other loaders, without input quantization)")

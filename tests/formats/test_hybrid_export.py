@@ -134,6 +134,8 @@ def test_quantized_hybrid_round_trip(family, spec, options, tmp_path):
     assert qc["kv_cache_scheme"] is None
     kv = [s for s in qc["qmamba"]["not_in_compressed_tensors"] if s.startswith("the KV")]
     assert bool(kv) == ("kv" in spec)
+    experts = [s for s in qc["qmamba"]["not_in_compressed_tensors"] if "routed experts" in s]
+    assert bool(experts) == (model.quant_config.a_bits is not None and bool(model.config.hybrid.get("n_experts")))
 
 
 @pytest.mark.parametrize("family, spec, options", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
