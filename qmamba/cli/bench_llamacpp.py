@@ -179,7 +179,7 @@ def run(args) -> int:
     key = llamacpp.folder_key(folder, tools.converter)
     print(f"{args.model}: {source}\n  folder {folder} (content key {key})")
     view = converter_view(folder, llamacpp.gguf_dir(key))
-    ggufs, made = llamacpp.make_ggufs(view, types, tools)
+    ggufs, made = llamacpp.make_ggufs(view, types, tools, key)
     print(f"prompt {args.prompt_len}, generate {args.gen_len}, batch 1, threads {args.thread_list}, "
           f"{args.rounds} alternating rounds of {args.reps} repetitions; load average {load_before}")
     rounds, commands, qm_rows = [], {"llama_bench": [], "qmamba": []}, []

@@ -118,11 +118,12 @@ def _run(cmd: list, what: str, cwd: Optional[Path] = None) -> str:
     return r.stdout
 
 
-def make_ggufs(folder: Path, types: list[str], tools: Tools, log=print) -> tuple[dict, list]:
+def make_ggufs(folder: Path, types: list[str], tools: Tools, key: Optional[str] = None, log=print) -> tuple[dict, list]:
     """{type: GGUF path} for `folder`, made once per folder content: the converter writes f32
     (or the type itself when it can), llama-quantize makes the rest from the f32 file. Returns the
-    paths and the commands that make them, each with whether this call ran it (False: cached)."""
-    key = folder_key(folder, tools.converter)
+    paths and the commands that make them, each with whether this call ran it (False: cached).
+    `key` names the cache entry (default: `folder_key` of `folder`)."""
+    key = key or folder_key(folder, tools.converter)
     out = gguf_dir(key)
     out.mkdir(parents=True, exist_ok=True)
     paths, commands, seen = {}, [], set()
