@@ -13,19 +13,20 @@ import pytest
 
 from qmamba.cli import bench_llamacpp, main
 from qmamba.errors import QMambaError
-from qmamba.eval import llamacpp
+from qmamba.eval import llamacpp, llamacpp_setup
 
 
 @pytest.fixture
 def no_long_work(monkeypatch):
-    """A model folder, GGUF, llama-bench run or qmamba benchmark fails the test."""
+    """A model folder, GGUF, llama-bench run, qmamba benchmark or llama.cpp build fails the test."""
     def boom(*a, **k):
         raise AssertionError("long work started before the bad input was refused")
 
     bench = importlib.import_module("qmamba.eval.bench")
     for mod, name in ((bench, "shape_folder"), (bench, "copy_bandwidth"), (bench, "run_variant"),
                       (llamacpp, "make_ggufs"), (llamacpp, "run_bench"), (llamacpp, "folder_key"),
-                      (bench_llamacpp, "model_folder"), (bench_llamacpp, "_qmamba_round")):
+                      (bench_llamacpp, "model_folder"), (bench_llamacpp, "_qmamba_round"),
+                      (llamacpp_setup, "setup")):
         monkeypatch.setattr(mod, name, boom)
 
 
@@ -174,8 +175,10 @@ def _real_tools():
 
 @pytest.mark.skipif(_real_tools() is None, reason="llama.cpp is not built here (qmamba bench --against "
                                                   "llama.cpp --llama-cpp-build)")
-def test_real_llama_cpp_on_a_tiny_model(tiny_mamba2, tmp_path):
-    """The whole path on this machine's llama.cpp: convert, quantize, llama-bench, qmamba."""
+def test_real_llama_cpp_on_a_tiny_model(tiny_mamba2, tmp_path, monkeypatch):
+    """The whole path on this machine's llama.cpp: convert, quantize, llama-bench, qmamba (GGUFs
+    in a fresh cache, so that the converter runs every time)."""
+    monkeypatch.setattr(llamacpp, "gguf_dir", lambda key: tmp_path / "gguf" / key)
     out = tmp_path / "real.json"
     rc = main(["bench", str(tiny_mamba2[1]), "--against", "llama.cpp", "--llama-types", "f32,q8_0",
                "--threads", "1", "--rounds", "1", "--reps", "1", "--prompt-len", "8", "--gen-len", "4",
