@@ -36,12 +36,7 @@ def quantize(model, config: Union[str, QuantConfig] = "w8a8h4", calib=None, meth
     if is_quantized(model):
         raise QMambaError("this model is already quantized; quantize the float model instead")
     qcfg = resolve_config(config, method, seed=seed, **config_options)
-    if isinstance(calib, torch.Tensor):
-        ids = calib.long()
-        if ids.dim() != 2:
-            raise QMambaError("calibration ids must be a (nsamples, seqlen) tensor")
-    else:
-        ids = calibration_ids(tokenizer, Path(calib) if calib is not None else None, nsamples, seqlen, seed)
+    ids = _calibration(calib, tokenizer, nsamples, seqlen, seed)
     m = get_method(method)
     opts = m.make_options(method_options)
     t0 = time.time()
@@ -80,12 +75,18 @@ def quantize_low_memory(model_path, out, config: Union[str, QuantConfig] = "w8a8
     m = get_method(method)
     opts = m.make_options(method_options)
     check_folder(folder, m, qcfg, opts)               # before the calibration text is read
+    ids = _calibration(calib, tokenizer, nsamples, seqlen, seed)
+    return quantize_folder(folder, out, qcfg, m, opts, ids, dtype=resolve_dtype(dtype), tokenizer_dir=tok_dir,
+                           force=force, progress=progress, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES,
+                           on_block=on_block)
+
+
+def _calibration(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(nsamples, seqlen) calibration ids: given as a tensor, or drawn from a text file (None:
+    the shipped validation text)."""
     if isinstance(calib, torch.Tensor):
         ids = calib.long()
         if ids.dim() != 2:
             raise QMambaError("calibration ids must be a (nsamples, seqlen) tensor")
-    else:
-        ids = calibration_ids(tokenizer, Path(calib) if calib is not None else None, nsamples, seqlen, seed)
-    return quantize_folder(folder, out, qcfg, m, opts, ids, dtype=resolve_dtype(dtype), tokenizer_dir=tok_dir,
-                           force=force, progress=progress, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES,
-                           on_block=on_block)
+        return ids
+    return calibration_ids(tokenizer, Path(calib) if calib is not None else None, nsamples, seqlen, seed)
