@@ -67,12 +67,16 @@ def _too_big(args) -> bool:
 def run_low_memory(args) -> int:
     from ..errors import QMambaError
     from ..quantize import quantize_low_memory
-    from .common import check_quant_args, method_options, quant_options
+    from ..api import resolve_model_path
+    from ..models.load import detect_format, model_config, read_config
+    from .common import check_method_memory, check_quant_args, method_options, quant_options
 
     if args.device != "cpu":
         raise QMambaError("--low-memory quantizes on the CPU (ESR blocks still train on CUDA when present); "
                           "leave --device at cpu")
     check_quant_args(args)
+    raw = read_config(resolve_model_path(args.model))
+    check_method_memory(args, model_config(raw, detect_format(raw)))     # ESR's activations, before calibration
     stats = quantize_low_memory(args.model, args.out, args.quant, calib=args.calib, method=args.method,
                                 tokenizer=args.tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen,
                                 seed=args.quant_seed, dtype=args.dtype, method_options=method_options(args),
