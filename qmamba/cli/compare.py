@@ -123,12 +123,18 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     texts = [n for n in (results[0].get("texts") or {})] if results else []
-    fig, axes = plt.subplots(1, 2 if texts else 1, figsize=(13 if texts else 7, 4.5), squeeze=False)
+    many = len(results) > 8               # a legend instead of labels beside points that overlap
+    width = (13 if texts else 7) + (0.35 * (len(results) - 8) if many else 0)
+    fig, axes = plt.subplots(1, 2 if texts else 1, figsize=(width, 5.5 if many else 4.5), squeeze=False)
     ax = axes[0, 0]
-    for r in results:
+    markers = "osD^v<>pXh*"
+    for i, r in enumerate(results):
         x, y = r["memory"]["total"] / 2 ** 20, r["perplexity"]
-        ax.scatter(x, y, s=40)
-        ax.annotate(f"{r['label']} {r['config']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter(x, y, s=40, marker=markers[i % len(markers)] if many else "o", label=f"{r['label']} {r['config']}")
+        if not many:
+            ax.annotate(f"{r['label']} {r['config']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if many:
+        ax.legend(fontsize=7, ncol=2)
     ax.set_xlabel("estimated memory at batch 1: weights + state (MiB; from shapes, float parts as FP16)")
     ax.set_ylabel("test perplexity (state re-quantized every token)")
     ax.set_title(title, fontsize=10)
@@ -142,7 +148,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             k = [r["texts"][name]["kld"] for r in quantized]
             ax.bar(xs, [v["mean"] for v in k], width, label=name,
                    yerr=[[v["mean"] - v["ci95"][0] for v in k], [v["ci95"][1] - v["mean"] for v in k]], capsize=2)
-        ax.set_xticks(range(len(quantized)), [f"{r['label']}\n{r['config']}" for r in quantized], fontsize=7)
+        ax.set_xticks(range(len(quantized)), [f"{r['label']}\n{r['config']}" for r in quantized], fontsize=7,
+                      rotation=60 if many else 0, ha="right" if many else "center")
         ax.set_yscale("log")
         ax.set_ylabel("KL divergence to the float model (nats/token, 95% CI)")
         ax.legend(fontsize=8)
