@@ -67,6 +67,7 @@ import warnings
 import zlib
 from pathlib import Path
 
+from qmamba.utils.io import sha256_file
 from qmamba.utils.paths import TEXT_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,13 +89,6 @@ BROWN_NAME_RE = re.compile(r"^c[a-r]\d\d$")
 
 
 # ----------------------------------------------------------------------------- utilities
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)

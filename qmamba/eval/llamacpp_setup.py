@@ -12,7 +12,6 @@ its output is already there; cmake comes from PATH or, failing that, from PyPI i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import QMambaError
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, sha256_file
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -79,14 +78,6 @@ def ggml_version(src: Path) -> str:
     return ".".join(m.group(1) for m in parts) if all(parts) else "unknown"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _run(cmd: list, log: Path | None = None, **kw) -> None:
     print("  $ " + " ".join(map(str, cmd)), flush=True)
     if log is None:
@@ -113,7 +104,7 @@ def fetch_source() -> Path:
         tmp = Path(tmp)
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp])
-        got = sha256(tmp / SDIST)
+        got = sha256_file(tmp / SDIST)
         if got != SDIST_SHA256:
             raise QMambaError(f"{SDIST} has sha256 {got}, expected {SDIST_SHA256}: not the pinned source")
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"

@@ -4,6 +4,8 @@ reader never sees half a file) and reads of user-given text and JSON files that 
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import math
 import os
@@ -120,3 +122,12 @@ def read_json(path, what: str = "JSON file") -> dict:
     if not isinstance(obj, dict):
         raise QMambaError(f"{what} {path} must hold a JSON object, not {type(obj).__name__}")
     return obj
+
+
+def sha256_file(path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
