@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import random
 import time
 from pathlib import Path
 

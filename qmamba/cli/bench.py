@@ -62,8 +62,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-
-
 def _check(args) -> tuple[list[int], list[str]]:
     import torch
 
@@ -114,7 +112,6 @@ def _check_size(args, batch: int) -> None:
         + size.state_per_sequence // 2
     check_bytes(batch * per_seq, f"--batch {batch:,} with --prompt-len {args.prompt_len:,} on {args.model} "
                                  f"(d_model {cfg.d_model:,}, vocabulary {cfg.vocab_size:,})", args.device)
-
 
 
 def _mib(b) -> str:

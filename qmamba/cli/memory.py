@@ -49,7 +49,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-
 def _mib(b: int) -> str:
     return f"{b / 2 ** 20:,.2f} MiB"
 

@@ -119,7 +119,6 @@ def test_meta_kv_bytes_are_what_a_real_prefill_holds():
 def test_quantized_kv_meta_bytes_are_what_a_real_prefill_holds():
     from qmamba.quantize import quantize
 
-    cfg = from_hf_dict(NEMO)
     calib = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     model = quantize(real_model(), "w8a8h4kv4", calib=calib, method="rtn", progress=False)
     ids = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(0))
