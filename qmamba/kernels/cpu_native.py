@@ -28,10 +28,11 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu_build, cpu_features
+from .mamba2_layer import CLayer, Mamba2Layers
 from .reference import pack_codes, unpack_codes
 
 SYMBOLS = ("i8_linear", "i8_linear_f32", "i8_row_sums", "f32i8_linear", "exp_f32", "dsq_scan", "mamba2_conv_step",
-           "mamba2_ssm_step", "qmamba_isa")
+           "mamba2_ssm_step", "mamba2_model_step", "qmamba_isa")
 VNNI = ("avxvnni", "avx512vnni")        # builds that subtract 128 * sum(w): they take row sums
 DISABLE_ENV = "QMAMBA_NO_CPU_KERNELS"
 
@@ -58,10 +59,16 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.mamba2_conv_step.argtypes = [i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, i32]
     lib.mamba2_ssm_step.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, f32, f32, f32, f32, f32, ptr, ptr,
                                     ptr, ptr, ptr, ptr, i32, i32, f32, ptr, ptr, ptr, i32]
+    lib.mamba2_model_step.argtypes = [i64, ptr, i64, ptr, i32]
     for name in SYMBOLS:
         getattr(lib, name).restype = None
     lib.qmamba_isa.restype = ctypes.c_char_p
     lib.qmamba_isa.argtypes = []
+    lib.qm_mamba2_layer_size.restype = i64
+    lib.qm_mamba2_layer_size.argtypes = []
+    if lib.qm_mamba2_layer_size() != ctypes.sizeof(CLayer):
+        raise RuntimeError(f"the C struct qm_mamba2_layer has {lib.qm_mamba2_layer_size()} bytes, its ctypes "
+                           f"mirror {ctypes.sizeof(CLayer)}")
     return lib
 
 
@@ -220,6 +227,15 @@ class NativeKernels:
                                  _ptr(scales) if dynamic else None, _ptr(s_n), _ptr(static_scale), int(dynamic),
                                  int(per_byte), float(qmax), _ptr(y), _ptr(zq), _ptr(scratch), self._n_threads())
         return y, zq
+
+    def mamba2_model_step(self, layers: Mamba2Layers, hidden: Tensor) -> Tensor:
+        """One decode token through every layer (a `Mamba2Layer` each, all of one batch b): hidden
+        (b, D) float32 contiguous, the residual stream, updated in place and returned; the
+        layers' conv states, codes and scales updated in place."""
+        assert hidden.dtype == torch.float32 and hidden.is_contiguous()
+        self.lib.mamba2_model_step(len(layers), ctypes.addressof(layers.c_array()), hidden.shape[0], _ptr(hidden),
+                                   self._n_threads())
+        return hidden
 
 
 def _self_test(lib: ctypes.CDLL, isa: str) -> None:

@@ -261,3 +261,27 @@ def mamba2_ssm_step(xbc: Tensor, dt: Tensor, z: Tensor, act_scales: tuple, A: Te
     y = dsq_scan(codes, scales, x[:, None], dtc[:, None], A, B[:, None], C[:, None], s_n, static_scale, dynamic,
                  per_byte, qmax, scalar_exp)[:, 0]
     return y + D.float() * x, _fq8(z, sz)
+
+
+# ------------------------------------------------------------------- Mamba2 model step, whole
+def mamba2_model_step(layers: list, hidden: Tensor, scalar_exp: ScalarExp = torch.exp) -> Tensor:
+    """Twin of the C mamba2_model_step (arguments as `NativeKernels.mamba2_model_step`: a
+    `Mamba2Layer` per block; hidden, the conv states, codes and scales updated in place): per
+    layer the block's RMSNorm, in_proj, the conv step, SiLU, softplus, the SSM step, the gated
+    RMSNorm, out_proj and the residual add, the norms and activations in float64
+    (`qmamba.models.layers.rms64`)."""
+    from ..models.layers import rms64, silu64, softplus64
+
+    for L in layers:
+        u = L.norm_w * rms64(hidden, L.norm_eps)
+        zx = i8_linear_quantizing(u, None if L.in_dynamic else L.in_sx, L.in_w, L.in_sw, L.in_gs, L.in_bias)
+        z, xbc, dt = zx.split([L.d, L.d + 2 * L.g * L.n, L.d // L.headdim], dim=-1)
+        xbc = silu64(mamba2_conv_step(xbc, L.s_conv, L.conv_state, L.conv_w[:, None], L.conv_b))
+        dt = softplus64(dt + L.dt_bias).clamp(L.dt_lo, L.dt_hi)
+        y, zq = mamba2_ssm_step(xbc, dt, z, (L.sx, L.sB, L.sC, L.sdt, L.sz), L.A, L.Dskip, L.codes, L.scales, L.s_n,
+                                L.s_c, L.dynamic, L.per_byte, L.qmax, L.headdim, L.g, scalar_exp)
+        gated = (y.double() * silu64(zq.double())).unflatten(-1, (-1, L.group_size))
+        y = L.gnorm_w * rms64(gated, L.gnorm_eps).flatten(-2)
+        hidden.copy_(hidden + i8_linear_quantizing(y, None if L.out_dynamic else L.out_sx, L.out_w, L.out_sw,
+                                                   L.out_gs, L.out_bias))
+    return hidden

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 from . import cpu_features, cpu_native, reference
 
 OPS = ("i8_linear", "i8_linear_quantizing", "f32i8_linear", "exp_f32", "dsq_scan", "mamba2_conv_step",
-       "mamba2_ssm_step")
+       "mamba2_ssm_step", "mamba2_model_step")
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,7 @@ def _native_loader(isa: str, method: str) -> Callable[[], Optional[Callable]]:
 for _rank, _isa in enumerate(cpu_features.ISAS):
     for _op, _method in (("i8_linear", "i8_linear"), ("i8_linear_quantizing", "i8_linear_quantizing"),
                          ("f32i8_linear", "f32i8_linear"), ("exp_f32", "exp_f32"), ("dsq_scan", "dsq_scan"),
-                         ("mamba2_conv_step", "mamba2_conv_step"), ("mamba2_ssm_step", "mamba2_ssm_step")):
+                         ("mamba2_conv_step", "mamba2_conv_step"), ("mamba2_ssm_step", "mamba2_ssm_step"),
+                         ("mamba2_model_step", "mamba2_model_step")):
         register(_op, "cpu", _isa, features=cpu_features.FEATURES[_isa], priority=10 + _rank,
                  load=_native_loader(_isa, _method), reference=getattr(reference, _op))

@@ -18,8 +18,32 @@ def rms(x: Tensor, eps: float) -> Tensor:
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
 
 
+# Float64 numerics. A float32 norm or SiLU depends on the order of a reduction and on the exp
+# of the library that runs it (PyTorch's vectorised one differs between CPU capabilities and from
+# C's libm). Computed in float64 and rounded once to float32, any two correct implementations
+# agree unless a value lies within about 2^-52 (relative) of a float32 rounding boundary: the
+# integer execution of a quantized model uses these (`float64_numerics`), so that the native
+# decode step (qmamba.kernels, mamba2_model_step) reproduces the eager model bit for bit.
+def rms64(x: Tensor, eps: float) -> Tensor:
+    """`rms` in float64: x * (sum(x^2) / k + eps)^-1/2, rounded once to float32."""
+    x64 = x.double()
+    return (x64 * torch.rsqrt(x64.pow(2).sum(-1, keepdim=True) / x.shape[-1] + eps)).float()
+
+
+def silu64(x: Tensor) -> Tensor:
+    """SiLU in float64, rounded once to x's dtype."""
+    return F.silu(x.double()).to(x.dtype)
+
+
+def softplus64(x: Tensor) -> Tensor:
+    """softplus (threshold 20) in float64, rounded once to x's dtype."""
+    return F.softplus(x.double()).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as transformers' MambaRMSNorm: normalise in float32, cast back, then scale."""
+
+    float64_numerics = False        # `rms64` instead (the integer execution of a quantized model)
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -27,13 +51,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * rms(x, self.eps).to(x.dtype)
+        return self.weight * (rms64 if self.float64_numerics else rms)(x, self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
     """Mamba2's norm: y * silu(z), then RMSNorm over each group of `group_size` channels on its
     own. mamba_ssm's RMSNormGated (norm_before_gate=False) uses group_size = d / ngroups, and so
     does transformers from 5.23; older transformers normalised over all d channels (hf_compat)."""
+
+    float64_numerics = False        # the gate and the norm in float64 (see `rms64`)
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
         super().__init__()
@@ -43,10 +69,11 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         dtype = y.dtype
-        y = y.float() * F.silu(z.float())                                   # (b, l, d)
+        wide = torch.float64 if self.float64_numerics else torch.float32
+        y = y.to(wide) * F.silu(z.to(wide))                                 # (b, l, d)
         shape = y.shape
-        y = rms(y.reshape(*shape[:-1], -1, self.group_size), self.eps).reshape(shape)
-        return self.weight * y.to(dtype)
+        y = (rms64 if self.float64_numerics else rms)(y.reshape(*shape[:-1], -1, self.group_size), self.eps)
+        return self.weight * y.reshape(shape).to(dtype)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], prev: Optional[Tensor] = None) -> Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,9 @@ class MambaLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.quant_state: Optional[QuantState] = None
+        # every block of a decode step in one call, the same numbers as the loop over `Block.step`
+        # (set by `qmamba.quant.execution.set_execution`; returns None where it does not apply)
+        self.native_step: Optional[Callable] = None
         self.backbone = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -125,8 +128,12 @@ class MambaLM(nn.Module):
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
         """One token per sequence. input_ids (b,) or (b, 1) -> logits (b, vocab) in float32."""
         hidden = self.embed(input_ids.reshape(-1))                         # (b, d_model)
-        for i, layer in enumerate(self.backbone.layers):
-            hidden = layer.step(hidden, cache[i])
+        out = None if self.native_step is None else self.native_step(self, hidden, cache)
+        if out is not None:
+            hidden = out
+        else:
+            for i, layer in enumerate(self.backbone.layers):
+                hidden = layer.step(hidden, cache[i])
         cache.seqlen += 1
         return self._head(hidden)
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .cache import LayerState
 from .config import ModelConfig
 from .layer_spec import LinearGroup, SmoothingPair
-from .layers import GatedRMSNorm, causal_conv1d, conv_tail
+from .layers import GatedRMSNorm, causal_conv1d, conv_tail, silu64, softplus64
 from .mixer import MixerBase, conv_step
 from .scan.ssd import ssd_scan
 
@@ -62,6 +62,14 @@ class Mamba2Mixer(MixerBase):
         self.A_log.copy_(torch.log(torch.rand(nh, generator=g) * 15 + 1))
         self.dt_bias.copy_(dt_bias)
 
+    float64_numerics = False        # SiLU and softplus in float64 (`qmamba.models.layers.rms64`)
+
+    def silu(self, x: Tensor) -> Tensor:
+        return silu64(x) if self.float64_numerics else F.silu(x)
+
+    def softplus(self, x: Tensor) -> Tensor:
+        return softplus64(x) if self.float64_numerics else F.softplus(x)
+
     def _split(self, zxbcdt: Tensor):
         d, gn = self.d_inner, self.ngroups * self.d_state
         return zxbcdt.split([d, d + 2 * gn, self.nheads], dim=-1)           # z, xBC, dt
@@ -71,7 +79,7 @@ class Mamba2Mixer(MixerBase):
         dt (..., h) and B, C (..., g, n)."""
         gn = self.ngroups * self.d_state
         x, B, C = xBC.split([self.d_inner, gn, gn], dim=-1)
-        dt = F.softplus(dt + self.dt_bias.to(dt.dtype))
+        dt = self.softplus(dt + self.dt_bias.to(dt.dtype))
         if self.dt_limit != (0.0, math.inf):
             dt = dt.clamp(*self.dt_limit)
         B = self.quant_B(B).unflatten(-1, (self.ngroups, self.d_state))
@@ -106,7 +114,7 @@ class Mamba2Mixer(MixerBase):
         prev = None if state is None else self.conv_read(state, xBC.dtype)
         if state is not None:
             self.conv_write(state, conv_tail(xBC, self.conv1d.weight.shape[-1], prev))
-        xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, prev))
+        xBC = self.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, prev))
         x, dt, B, C = self._ssm_inputs(xBC, dt)                             # B, C (b, l, g, n)
         y = self.scan(x, dt, B, C, state)                                   # (b, l, d)
         y = self.norm(y.to(hidden.dtype), self.quant_z(z))
@@ -122,7 +130,7 @@ class Mamba2Mixer(MixerBase):
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC, tail = conv_step(self.conv_read(state, xBC.dtype), self.quant_conv(xBC), self.conv1d.weight, self.conv1d.bias)
         self.conv_write(state, tail)
-        x, dt, B, C = self._ssm_inputs(F.silu(xBC), dt)                     # B, C (b, g, n)
+        x, dt, B, C = self._ssm_inputs(self.silu(xBC), dt)                     # B, C (b, g, n)
         A, D = self.decode_constants()                                      # (d, 1), (d,)
         x32 = x.float()
         y = state.ssm.step(x32, self._per_channel(dt.float()), A, B.float(), C.float())

@@ -1,13 +1,21 @@
 """How a quantized model's linears run: through dequantized float weights ("sim", the default,
-what evaluations use) or through integer products ("int", `qmamba.quant.intmm`)."""
+what evaluations use) or through integer products ("int", `qmamba.quant.intmm`).
+
+Integer execution is the deployment path: besides the integer products, its RMS norms and
+Mamba2's SiLU and softplus are computed in float64 and rounded once to float32
+(`float64_numerics`, see `qmamba.models.layers.rms64`), and a Mamba2 model decodes each token
+with one native call (`qmamba.quant.native_decode`), which reproduces those numbers bit for bit."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..models.layers import GatedRMSNorm, RMSNorm
+from ..models.mamba2 import Mamba2Mixer
 from .embedding import TiedQHead
 from .intmm import supports_int
 from .linear import QLinear
+from .native_decode import model_step
 
 MODES = ("sim", "int")
 
@@ -23,4 +31,8 @@ def set_execution(model: nn.Module, mode: str) -> int:
         if (isinstance(m, QLinear) and supports_int(m)) or isinstance(m, TiedQHead):
             m.exec_mode = mode
             count += 1
+        elif isinstance(m, (RMSNorm, GatedRMSNorm, Mamba2Mixer)):
+            m.float64_numerics = mode == "int"
+    if hasattr(model, "native_step"):
+        model.native_step = model_step if mode == "int" else None
     return count

@@ -83,13 +83,13 @@ def fused_step(mixer, hidden: Tensor, state) -> Optional[Tensor]:
     if conv is None or ssm is None:
         return None
     z, xBC, dt = mixer._split(mixer.in_proj(hidden))
-    dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
+    dt = mixer.softplus(dt + mixer.dt_bias.to(dt.dtype))
     if mixer.dt_limit != (0.0, float("inf")):
         dt = dt.clamp(*mixer.dt_limit)
     A, D = mixer.decode_constants()
     q, cache = mixer.state_quant, state.ssm
     s_conv, act, s_n, s_c = _constants(mixer)
-    xBC = F.silu(conv(xBC, s_conv, state.conv, mixer.conv1d.weight, mixer.conv1d.bias))
+    xBC = mixer.silu(conv(xBC, s_conv, state.conv, mixer.conv1d.weight, mixer.conv1d.bias))
     y, zq = ssm(xBC, dt, z, act, A, D, cache.codes, cache.scales, s_n, s_c, q.scale_mode == "dynamic",
                 cache.per_byte, float(q.qmax), mixer.headdim, mixer.ngroups)
     scan_runs["kernel"] += 1

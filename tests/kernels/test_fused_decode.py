@@ -1,5 +1,7 @@
 """The fused Mamba2 decode step (`qmamba.quant.fused_decode`: the C kernels mamba2_conv_step and
-mamba2_ssm_step) against the eager quantized step (`Mamba2Mixer.step` with the other C kernels on):
+mamba2_ssm_step) against the eager quantized step (`Mamba2Mixer.step` with the other C kernels on;
+in integer execution with the whole-model native step switched off, which
+tests/kernels/test_native_decode.py covers):
 on tiny random W8A8H4 models (DSQ state, n_groups 1 and 2, batch 1 and 3), 24 decode steps after
 a prompt, the SSM state codes and fp16 scales, the int8 conv state and the logits are equal bit for
 bit after every step. Also: the fused path is taken where it applies, and not under
@@ -18,6 +20,7 @@ from qmamba.quantize import quantize
 
 STEPS, PROMPT = 24, 7
 FUSED_OPS = ("mamba2_conv_step", "mamba2_ssm_step")
+NATIVE = ("mamba2_model_step",)
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="no C kernels here")
 
@@ -47,7 +50,7 @@ def _decode(model, batch: int, fused: bool):
     gen = torch.Generator().manual_seed(100 + batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT + STEPS), generator=gen)
     before = fused_decode.runs["fused"]
-    ctx = forced("torch", ops=FUSED_OPS) if not fused else torch.no_grad()
+    ctx = forced("torch", ops=FUSED_OPS + NATIVE) if not fused else forced("torch", ops=NATIVE)
     with ctx:
         cache = model.allocate_cache(batch)
         model(ids[:, :PROMPT], cache)

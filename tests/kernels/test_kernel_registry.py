@@ -5,6 +5,7 @@ environment). Builds this CPU lacks skip."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import torch
 from qmamba.errors import QMambaError
 from qmamba.kernels import cpu_features, cpu_native, registry
 from qmamba.kernels import reference as ref
+from qmamba.kernels.mamba2_layer import Mamba2Layer, Mamba2Layers
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -101,15 +103,67 @@ def _mamba2_ssm_step_cases():
                torch.rand(d, 1, generator=g) + 0.1, dynamic, per_byte, qmax, hd, groups)
 
 
+def _mamba2_layer(g, b, D, h, hd, n, groups, w, dynamic, per_byte, qmax, gs, in_dynamic, bias, dt_limit):
+    """One block's arguments with random tensors of the given shapes (`Mamba2Layer`)."""
+    d = h * hd
+    cd, N = d + 2 * groups * n, 2 * d + 2 * groups * n + h
+    q0 = torch.randint(-int(qmax), int(qmax) + 1, (b, d, n), generator=g).to(torch.int8)
+
+    def weight(rows, cols):
+        codes = _codes(g, rows, cols)
+        size = gs or cols
+        sums = codes.view(rows, cols // size, size).sum(-1, dtype=torch.int32)
+        return codes, sums, torch.rand(rows, cols // size, generator=g) * 0.02, size
+
+    in_w, in_sums, in_sw, in_gs = weight(N, D)
+    out_w, out_sums, out_sw, out_gs = weight(D, d)
+    return Mamba2Layer(
+        D=D, d=d, n=n, g=groups, headdim=hd, w=w, norm_w=torch.rand(D, generator=g) + 0.5, norm_eps=1e-5,
+        in_w=in_w, in_sums=in_sums, in_sw=in_sw, in_gs=in_gs, in_bias=torch.randn(N, generator=g) if bias else None,
+        in_sx=0.03, in_dynamic=in_dynamic, dt_bias=torch.randn(h, generator=g), dt_lo=dt_limit[0], dt_hi=dt_limit[1],
+        s_conv=0.02, sx=0.015, sB=0.02, sC=0.025, sdt=0.01, sz=0.03,
+        conv_state=torch.randint(-127, 128, (b, cd, w - 1), generator=g).to(torch.int8),
+        conv_w=torch.randn(cd, w, generator=g), conv_b=torch.randn(cd, generator=g) if bias else None,
+        A=(-4 * torch.rand(h, generator=g)).repeat_interleave(hd)[:, None], Dskip=torch.randn(d, generator=g),
+        codes=ref.pack_codes(q0, per_byte).contiguous(),
+        scales=(torch.rand(b, d, 1, generator=g) + 1e-3).half() if dynamic else torch.empty(0),
+        s_n=torch.rand(n, generator=g) + 0.5, s_c=torch.rand(d, 1, generator=g) + 0.1, dynamic=dynamic,
+        per_byte=per_byte, qmax=qmax, gnorm_w=torch.rand(d, generator=g) + 0.5, group_size=d // groups,
+        gnorm_eps=1e-5, out_w=out_w, out_sums=out_sums, out_sw=out_sw, out_gs=out_gs,
+        out_bias=torch.randn(D, generator=g) if bias else None, out_sx=0.02, out_dynamic=in_dynamic)
+
+
+def _mamba2_model_step_cases():
+    """(layers, hidden): two or three blocks; DSQ dynamic 4-bit and static int8 states; one and
+    two groups; per-channel and group-wise weights; static and dynamic activation scales; biases;
+    a dt limit; vector (n = 16) and scalar (n = 10) state rows; batch 1 and 3."""
+    g = _gen(8)
+    for b, D, h, hd, n, groups, dynamic, per_byte, qmax, gs, in_dyn, bias, limit, nl in [
+            (1, 48, 4, 8, 16, 1, True, 2, 7.0, 0, False, False, (0.0, float("inf")), 3),
+            (3, 64, 2, 16, 16, 2, True, 2, 7.0, 16, True, True, (0.001, 0.1), 2),
+            (2, 40, 3, 4, 10, 1, False, 1, 127.0, 0, False, True, (0.0, float("inf")), 2)]:
+        layers = Mamba2Layers(_mamba2_layer(g, b, D, h, hd, n, groups, 4, dynamic, per_byte, qmax, gs, in_dyn, bias,
+                                            limit) for _ in range(nl))
+        yield layers, torch.randn(b, D, generator=g) * 2
+
+
 CASES = {"i8_linear": _i8_linear_cases, "i8_linear_quantizing": _i8_linear_quantizing_cases,
          "f32i8_linear": _f32i8_linear_cases, "exp_f32": _exp_f32_cases, "dsq_scan": _dsq_scan_cases,
-         "mamba2_conv_step": _mamba2_conv_step_cases, "mamba2_ssm_step": _mamba2_ssm_step_cases}
+         "mamba2_conv_step": _mamba2_conv_step_cases, "mamba2_ssm_step": _mamba2_ssm_step_cases,
+         "mamba2_model_step": _mamba2_model_step_cases}
 IN_PLACE = {"dsq_scan": (0, 1), "mamba2_conv_step": (2,), "mamba2_ssm_step": (6, 7)}   # arguments written
-SCALAR_EXP = ("dsq_scan", "mamba2_ssm_step")                                             # twins taking expf
+SCALAR_EXP = ("dsq_scan", "mamba2_ssm_step", "mamba2_model_step")                       # twins taking expf
+LAYER_STATE = ("conv_state", "codes", "scales")                     # what mamba2_model_step writes per layer
 
 
 def _clone(args):
-    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out = []
+    for a in args:
+        if isinstance(a, Mamba2Layers):
+            a = Mamba2Layers(dataclasses.replace(layer, **{f: getattr(layer, f).clone() for f in LAYER_STATE})
+                             for layer in a)
+        out.append(a.clone() if isinstance(a, torch.Tensor) else a)
+    return out
 
 
 def _scalar_exp(entry: registry.Entry):
@@ -125,7 +179,8 @@ def _run(entry: registry.Entry, fn, args):
     args = _clone(args)
     out = fn(*args)
     outs = list(out) if isinstance(out, tuple) else [out]
-    return outs + [args[i] for i in IN_PLACE.get(entry.op, ())]
+    written = [getattr(layer, f) for a in args if isinstance(a, Mamba2Layers) for layer in a for f in LAYER_STATE]
+    return outs + [args[i] for i in IN_PLACE.get(entry.op, ())] + written
 
 
 def _outputs(entry: registry.Entry):

@@ -167,6 +167,9 @@ static inline uint16_t f32_to_fp16(float v) {
 static inline float fp16_round(float v) { return fp16_to_f32(f32_to_fp16(v)); }
 
 /* ------------------------------------------------------------------ int8 dot products */
+#ifndef QM_PF
+#define QM_PF 2                              /* blocks of 4 weight rows prefetched ahead */
+#endif
 #define CHUNK 65536                          /* columns summed in int32 at most (see the bound above) */
 
 #if defined(QM_ISA_AVX512VNNI) || defined(QM_ISA_AVXVNNI)
@@ -263,16 +266,23 @@ static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t
 }
 #endif
 
-void i8_linear(int64_t M, int64_t N, int64_t K, const int8_t *x, const float *sx,
-               const int8_t *w, const int32_t *wsum, const float *sw, int64_t gs, const float *bias,
-               float *out, int nthreads) {
+/* The rows of i8_linear, shared out over the threads of the enclosing parallel region (one
+ * thread when there is none). With `resid` (M, N), out is not written: resid += the product. */
+static void i8_linear_rows(int64_t M, int64_t N, int64_t K, const int8_t *x, const float *sx,
+                           const int8_t *w, const int32_t *wsum, const float *sw, int64_t gs, const float *bias,
+                           float *out, float *resid) {
     const int64_t G = K / gs;                /* the caller checks that gs divides K */
 #ifndef QM_VNNI
     (void)wsum;
 #endif
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
         const int64_t nr = N - n0 < 4 ? N - n0 : 4;
+#ifdef QM_X86
+        if (n0 + 4 * QM_PF < N)     /* ask for the block QM_PF blocks ahead: one core alone cannot
+                                       keep enough cache misses in flight to stream at full speed */
+            for (int64_t k = 0; k < 4 * K; k += 64) _mm_prefetch((const char *)(w + (n0 + 4 * QM_PF) * K + k), _MM_HINT_T0);
+#endif
         for (int64_t m = 0; m < M; m++) {
             const int8_t *xm = x + m * K;
             float y[4] = {0, 0, 0, 0};
@@ -294,10 +304,20 @@ void i8_linear(int64_t M, int64_t N, int64_t K, const int8_t *x, const float *sx
 #endif
                 for (int64_t r = 0; r < nr; r++) y[r] += sw[(n0 + r) * G + g] * (float)t[r];
             }
-            for (int64_t r = 0; r < nr; r++)
-                out[m * N + n0 + r] = sx[m] * y[r] + (bias ? bias[n0 + r] : 0.0f);
+            for (int64_t r = 0; r < nr; r++) {
+                const float v = sx[m] * y[r] + (bias ? bias[n0 + r] : 0.0f);
+                if (resid) resid[m * N + n0 + r] = resid[m * N + n0 + r] + v;
+                else out[m * N + n0 + r] = v;
+            }
         }
     }
+}
+
+void i8_linear(int64_t M, int64_t N, int64_t K, const int8_t *x, const float *sx,
+               const int8_t *w, const int32_t *wsum, const float *sw, int64_t gs, const float *bias,
+               float *out, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    i8_linear_rows(M, N, K, x, sx, w, wsum, sw, gs, bias, out, NULL);
 }
 
 /* wsum[n, g] = sum_{k in group g} w[n, k]: what the VNNI paths subtract (times 128) */
@@ -311,14 +331,12 @@ void i8_row_sums(int64_t N, int64_t K, const int8_t *w, int64_t gs, int32_t *wsu
         }
 }
 
-/* i8_linear on float activations: each row quantized to int8 first, as PyTorch computes it,
+/* Each row of x (M, K) quantized to int8 as PyTorch computes it,
  *   s_x = max(max_k |x[m, k]|, 1e-12) / 127 (dynamic, per row) or the static s_x,
  *   q_x = clamp(round(x / s_x), -127, 127)   (round half to even)
- * then the integer product. sx_out (M,) receives the scales used. */
-void i8_linear_f32(int64_t M, int64_t N, int64_t K, const float *x, float static_scale, int dynamic,
-                   const int8_t *w, const int32_t *wsum, const float *sw, int64_t gs, const float *bias,
-                   float *out, float *sx_out, int nthreads) {
-    int8_t *qx = (int8_t *)malloc(M * K > 0 ? M * K : 1);
+ * into qx (M, K), the scales used into sx (M,). */
+static void quantize_rows(int64_t M, int64_t K, const float *x, float static_scale, int dynamic, int8_t *qx,
+                          float *sx) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         float s = static_scale;
@@ -327,13 +345,22 @@ void i8_linear_f32(int64_t M, int64_t N, int64_t K, const float *x, float static
             for (int64_t k = 0; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
             s = (amax < 1e-12f ? 1e-12f : amax) / 127.0f;
         }
-        sx_out[m] = s;
+        sx[m] = s;
         for (int64_t k = 0; k < K; k++) {
             float v = nearbyintf(xm[k] / s);
             v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
             qx[m * K + k] = (int8_t)v;
         }
     }
+}
+
+/* i8_linear on float activations: each row quantized to int8 first (quantize_rows), then the
+ * integer product. sx_out (M,) receives the scales used. */
+void i8_linear_f32(int64_t M, int64_t N, int64_t K, const float *x, float static_scale, int dynamic,
+                   const int8_t *w, const int32_t *wsum, const float *sw, int64_t gs, const float *bias,
+                   float *out, float *sx_out, int nthreads) {
+    int8_t *qx = (int8_t *)malloc(M * K > 0 ? M * K : 1);
+    quantize_rows(M, K, x, static_scale, dynamic, qx, sx_out);
     i8_linear(M, N, K, qx, sx_out, w, wsum, sw, gs, bias, out, nthreads);
     free(qx);
 }
@@ -349,6 +376,10 @@ void f32i8_linear(int64_t M, int64_t N, int64_t K, const float *x, const int8_t 
         #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += 4) {
             const int64_t nr = N - n0 < 4 ? N - n0 : 4;
+#ifdef QM_X86
+            if (n0 + 4 * QM_PF < N)      /* as in i8_linear_rows */
+                for (int64_t k = 0; k < 4 * K; k += 64) _mm_prefetch((const char *)(w + (n0 + 4 * QM_PF) * K + k), _MM_HINT_T0);
+#endif
             if (nr < 4) {
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t r = 0; r < nr; r++) {
@@ -496,16 +527,15 @@ static inline void pack16(f8 a, f8 b, uint8_t *p, int packed) {
  * PyTorch's exp may differ in the last bit and move a value across a rounding boundary.
  * 8 lanes at a time where n % 16 == 0, scalar otherwise.
  */
-void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA, uint8_t *codes,
-              uint16_t *scales, const float *x, const float *dt, const float *A, const float *B,
-              const float *C, const float *s_n, const float *static_scale, int dynamic, int per_byte,
-              float qmax, float *y, int nthreads) {
+static inline void dsq_row(int64_t row, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA, uint8_t *codes,
+                           uint16_t *scales, const float *x, const float *dt, const float *A, const float *B,
+                           const float *C, const float *s_n, const float *static_scale, int dynamic,
+                           int per_byte, float qmax, float *y) {
     const int64_t per_group = d / g;
     const int64_t row_bytes = (n + per_byte - 1) / per_byte;
     const int packed = per_byte == 2;
     const int vec = n % 16 == 0, vec_io = vec && per_byte < 4;          /* 2-bit codes: scalar read/write */
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t row = 0; row < b * d; row++) {
+    {
         const int64_t bi = row / d, c = row % d, gi = c / per_group;
         uint8_t *cr = codes + row * row_bytes;
         const float *Ar = A + c * nA;
@@ -552,11 +582,12 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
             if (vec) {
                 const f8 vdtx = f8_set1(dtx);
                 f8 vmax = f8_zero();
-                for (int64_t k = 0; k < n; k += 8) {
+                for (int64_t k = 0; k < n; k += 8) {          /* h keeps h / s_n: one division */
                     const f8 da = nA == 1 ? f8_set1(dA[0]) : f8_load(dA + k);
                     f8 hk = f8_add(f8_mul(da, f8_load(h + k)), f8_mul(vdtx, f8_load(Bt + k)));
+                    hk = f8_div(hk, f8_load(s_n + k));
                     f8_store(h + k, hk);
-                    vmax = f8_max(vmax, f8_abs(f8_div(hk, f8_load(s_n + k))));
+                    vmax = f8_max(vmax, f8_abs(hk));
                 }
                 float m8[8];
                 f8_store(m8, vmax);
@@ -581,7 +612,7 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
                 f8 vacc = f8_zero();
                 for (int64_t k = 0; k < n; k += 8) {
                     const f8 sn = f8_load(s_n + k);
-                    f8 v = f8_div(f8_div(f8_load(h + k), sn), vs);
+                    f8 v = f8_div(f8_load(h + k), vs);
                     v = f8_round(v);
                     v = f8_min(f8_max(v, lo), hi);
                     f8_store(q + k, v);
@@ -623,6 +654,16 @@ void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA,
             }
         }
     }
+}
+
+/* one sequence-channel row (`dsq_row`) per iteration, the rows shared out over the threads */
+void dsq_scan(int64_t b, int64_t l, int64_t d, int64_t n, int64_t g, int64_t nA, uint8_t *codes,
+              uint16_t *scales, const float *x, const float *dt, const float *A, const float *B,
+              const float *C, const float *s_n, const float *static_scale, int dynamic, int per_byte,
+              float qmax, float *y, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t row = 0; row < b * d; row++)
+        dsq_row(row, l, d, n, g, nA, codes, scales, x, dt, A, B, C, s_n, static_scale, dynamic, per_byte, qmax, y);
 }
 
 /* ------------------------------------------------------------------ Mamba2 decode step, fused */
@@ -702,4 +743,142 @@ void mamba2_ssm_step(int64_t b, int64_t d, int64_t n, int64_t g, int64_t headdim
             y[i] = y[i] + D[c] * xq[i];
             zq[i] = fq8(z[bi * zs + c], sz);
         }
+}
+
+/* ------------------------------------------------------------------ Mamba2 model step, whole */
+/* Float64 evaluation of the functions whose float32 results depend on a library's exp and on
+ * a reduction's order: in integer execution the model computes them in float64 and rounds once
+ * to float32 (qmamba/models/layers.py), so any two correct implementations agree in float32
+ * unless a value falls within about 2^-52 (relative) of a float32 rounding boundary. */
+static inline double silu_d(double x) { return x / (1.0 + exp(-x)); }
+static inline double softplus_d(double x) { return x > 20.0 ? x : log1p(exp(x)); }
+
+/* out[i] = w[i] * f32(x[i] * r), r = 1 / sqrt(sum_i x[i]^2 / k + eps) in float64 */
+static inline void rms_norm_d(int64_t k, const float *x, const float *w, double eps, float *out) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < k; i++) ss += (double)x[i] * (double)x[i];
+    const double r = 1.0 / sqrt(ss / (double)k + eps);
+    for (int64_t i = 0; i < k; i++) out[i] = w[i] * (float)((double)x[i] * r);
+}
+
+/* One Mamba2 block of the quantized model in integer execution (W8A8, static 8-bit quantizers
+ * at the SSM inputs, an int8 conv state, an integer SSM state), as `Block.step` computes it:
+ *
+ *   u    = RMSNorm(hidden)                          (float64, rounded once)
+ *   zxbcdt = i8_linear(quant(u), in_proj)           z (d), xBC (cd = d + 2 g n), dt (h)
+ *   xBC  = silu(conv_step(fq8(xBC, s_conv), conv state))  (float64 SiLU)
+ *   x, B, C = fq8 of xBC's parts; dt = fq8(clamp(softplus(dt + dt_bias)), sdt)
+ *   y    = dsq_row of one token + D x;  zq = fq8(z, sz)
+ *   y    = GatedRMSNorm(y, zq)                      (y silu(zq), float64, per group)
+ *   hidden = hidden + i8_linear(quant(y), out_proj)
+ *
+ * The fields mirror qmamba/quant/native_decode.py's ctypes Structure field for field;
+ * `qm_mamba2_layer_size` lets the loader check that both agree. */
+typedef struct {
+    int64_t D, d, n, g, headdim, w;       /* d_model, d_inner, d_state, groups, head size, conv width */
+    const float *norm_w; double norm_eps;
+    const int8_t *in_w; const int32_t *in_sums; const float *in_sw; int64_t in_gs; const float *in_bias;
+    float in_sx; int32_t in_dynamic;
+    const float *dt_bias; float dt_lo, dt_hi;
+    float s_conv, sx, sB, sC, sdt, sz;
+    int8_t *conv_state; const float *conv_w; const float *conv_b;
+    const float *A; const float *Dskip;
+    uint8_t *codes; uint16_t *scales; const float *s_n; const float *s_c;
+    int32_t dynamic, per_byte; float qmax;
+    const float *gnorm_w; int64_t group_size; double gnorm_eps;
+    const int8_t *out_w; const int32_t *out_sums; const float *out_sw; int64_t out_gs; const float *out_bias;
+    float out_sx; int32_t out_dynamic;
+} qm_mamba2_layer;
+
+int64_t qm_mamba2_layer_size(void) { return (int64_t)sizeof(qm_mamba2_layer); }
+
+/* All `nl` layers for one token of b sequences: hidden (b, D) float32, the residual stream,
+ * updated in place; every layer's conv state, codes and scales updated in place. One parallel
+ * region for the whole token: the threads share out the rows of the two products, the conv
+ * channels and the state rows; the norms run on one thread. */
+void mamba2_model_step(int64_t nl, const qm_mamba2_layer *layers, int64_t b, float *hidden, int nthreads) {
+    int64_t D = 0, nin = 0, cd = 0, d = 0, gn = 0;
+    for (int64_t i = 0; i < nl; i++) {
+        const qm_mamba2_layer *L = &layers[i];
+        const int64_t c = L->d + 2 * L->g * L->n;
+        D = L->D > D ? L->D : D;
+        d = L->d > d ? L->d : d;
+        cd = c > cd ? c : cd;
+        gn = L->g * L->n > gn ? L->g * L->n : gn;
+        nin = L->d + c + L->d / L->headdim > nin ? L->d + c + L->d / L->headdim : nin;
+    }
+    float *u = (float *)malloc(sizeof(float) * b * (D + nin + 3 * d + 2 * gn + 2) + 1);
+    float *zx = u + b * D, *xq = zx + b * nin, *dtq = xq + b * d, *y = dtq + b * d;
+    float *Bq = y + b * d, *Cq = Bq + b * gn, *sx = Cq + b * gn;
+    double *gate = (double *)malloc(sizeof(double) * b * d + 1);
+    int8_t *q = (int8_t *)malloc(b * (D > d ? D : d) + 1);
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t li = 0; li < nl; li++) {
+        const qm_mamba2_layer *L = &layers[li];
+        const int64_t dl = L->d, n = L->n, g = L->g, gnl = g * n, cdl = dl + 2 * gnl;
+        const int64_t h = dl / L->headdim, N = dl + cdl + h, w = L->w;
+        #pragma omp single
+        for (int64_t bi = 0; bi < b; bi++) {
+            rms_norm_d(L->D, hidden + bi * L->D, L->norm_w, L->norm_eps, u + bi * L->D);
+            quantize_rows(1, L->D, u + bi * L->D, L->in_sx, L->in_dynamic, q + bi * L->D, sx + bi);
+        }
+        i8_linear_rows(b, N, L->D, q, sx, L->in_w, L->in_sums, L->in_sw, L->in_gs, L->in_bias, zx, NULL);
+        /* the conv channels (their SiLU and quantizer), then the heads' dt */
+        #pragma omp for schedule(static)
+        for (int64_t it = 0; it < b * (cdl + h); it++) {
+            const int64_t bi = it / (cdl + h), c = it % (cdl + h);
+            const float *row = zx + bi * N;
+            if (c >= cdl) {
+                const int64_t hh = c - cdl;
+                float v = (float)softplus_d((double)(row[dl + cdl + hh] + L->dt_bias[hh]));
+                v = v < L->dt_lo ? L->dt_lo : (v > L->dt_hi ? L->dt_hi : v);
+                v = fq8(v, L->sdt);
+                for (int64_t p = 0; p < L->headdim; p++) dtq[bi * dl + hh * L->headdim + p] = v;
+                continue;
+            }
+            int8_t *st = L->conv_state + (bi * cdl + c) * (w - 1);
+            const float *wt = L->conv_w + c * w;
+            const float s = L->s_conv;
+            float win[w];
+            for (int64_t k = 0; k < w - 1; k++) win[k] = (float)st[k] * s;
+            win[w - 1] = fq8(row[dl + c], s);
+            float acc = 0.0f;
+            for (int64_t k = 0; k < w; k++) acc = acc + win[k] * wt[k];
+            if (L->conv_b) acc = acc + L->conv_b[c];
+            for (int64_t k = 0; k < w - 1; k++) {
+                float v = nearbyintf(win[k + 1] / s);
+                st[k] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
+            }
+            const float a = (float)silu_d((double)acc);
+            if (c < dl) xq[bi * dl + c] = fq8(a, L->sx);
+            else if (c < dl + gnl) Bq[bi * gnl + c - dl] = fq8(a, L->sB);
+            else Cq[bi * gnl + c - dl - gnl] = fq8(a, L->sC);
+        }
+        /* the state rows, D x and the gate */
+        #pragma omp for schedule(static)
+        for (int64_t row = 0; row < b * dl; row++) {
+            const int64_t bi = row / dl, c = row % dl;
+            dsq_row(row, 1, dl, n, g, 1, L->codes, L->scales, xq, dtq, L->A, Bq, Cq, L->s_n, L->s_c, L->dynamic,
+                    L->per_byte, L->qmax, y);
+            y[row] = y[row] + L->Dskip[c] * xq[row];
+            const float zq = fq8(zx[bi * N + c], L->sz);
+            gate[row] = (double)y[row] * silu_d((double)zq);
+        }
+        #pragma omp single
+        for (int64_t bi = 0; bi < b; bi++) {
+            for (int64_t g0 = 0; g0 < dl; g0 += L->group_size) {
+                const double *gr = gate + bi * dl + g0;
+                double ss = 0.0;
+                for (int64_t k = 0; k < L->group_size; k++) ss += gr[k] * gr[k];
+                const double r = 1.0 / sqrt(ss / (double)L->group_size + L->gnorm_eps);
+                for (int64_t k = 0; k < L->group_size; k++)
+                    y[bi * dl + g0 + k] = L->gnorm_w[g0 + k] * (float)(gr[k] * r);
+            }
+            quantize_rows(1, dl, y + bi * dl, L->out_sx, L->out_dynamic, q + bi * dl, sx + bi);
+        }
+        i8_linear_rows(b, L->D, dl, q, sx, L->out_w, L->out_sums, L->out_sw, L->out_gs, L->out_bias, NULL, hidden);
+    }
+    free(u);
+    free(gate);
+    free(q);
 }
