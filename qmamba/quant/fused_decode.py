@@ -27,7 +27,6 @@ import collections
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import lookup as kernel_lookup
