@@ -130,7 +130,7 @@ class Mamba2Mixer(MixerBase):
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC, tail = conv_step(self.conv_read(state, xBC.dtype), self.quant_conv(xBC), self.conv1d.weight, self.conv1d.bias)
         self.conv_write(state, tail)
-        x, dt, B, C = self._ssm_inputs(self.silu(xBC), dt)                     # B, C (b, g, n)
+        x, dt, B, C = self._ssm_inputs(self.silu(xBC), dt)                 # B, C (b, g, n)
         A, D = self.decode_constants()                                      # (d, 1), (d,)
         x32 = x.float()
         y = state.ssm.step(x32, self._per_channel(dt.float()), A, B.float(), C.float())
