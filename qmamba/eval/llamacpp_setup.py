@@ -3,7 +3,7 @@
 The pinned source is the llama-cpp-python sdist on PyPI (it vendors a llama.cpp tree): it is
 fetched with `pip download --no-deps --no-binary :all:`, checked against the sha256 recorded here,
 unpacked to $QMAMBA_CACHE/llama.cpp-<version>/src (default ~/.cache/qmamba), and
-`llama-bench` and `llama-quantize` are built there with cmake (`-DGGML_NATIVE=ON`, Release,
+`llama-bench`, `llama-quantize` and `llama-batched-bench` are built there with cmake (`-DGGML_NATIVE=ON`, Release,
 static, under `nice`). The converter (`convert_hf_to_gguf.py` of the same tree) runs in a venv of
 its own, $QMAMBA_CACHE/venv-llamacpp, with this process's torch version pinned (a CPU wheel: pip
 must not pull a CUDA build) and the `gguf` package of the same tree. Every step is skipped when
@@ -28,7 +28,7 @@ from ..utils.io import atomic_write_json, sha256_file
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-TOOLS = ("llama-bench", "llama-quantize")
+TOOLS = ("llama-bench", "llama-quantize", "llama-batched-bench")
 # the converter's own requirements (requirements/requirements-convert_hf_to_gguf.txt) but torch,
 # which is pinned to this process's version instead of the tree's
 CONVERTER_REQUIREMENTS = ("numpy~=2.2.6", "sentencepiece>=0.1.98,<0.3.0", "transformers==4.57.6",
@@ -142,7 +142,7 @@ def _cmake() -> str:
 
 
 def build_tools(jobs: int = 2) -> Path:
-    """llama-bench and llama-quantize in bin_dir(); skipped when both are there."""
+    """llama-bench, llama-quantize and llama-batched-bench in bin_dir(); skipped when all are there."""
     if all((bin_dir() / t).is_file() for t in TOOLS):
         return bin_dir()
     cmake, build = _cmake(), home() / "build"
