@@ -1,7 +1,8 @@
-"""Decode per token of the quantized (W8A8H4) model with the fused Mamba2 decode step
-(`qmamba.quant.fused_decode`) against the eager step (the same model with the two fused kernels
-switched off: `qmamba.kernels.forced("torch", ops=FUSED_OPS)`), in one process, alternating
-between rounds so that both see the same machine load; checks that both produce the same logits
+"""Decode per token of the quantized (W8A8H4) model in integer execution with its three decode
+steps: the native step (`qmamba.quant.native_decode`, one C call per token), the fused per-layer
+step (`qmamba.quant.fused_decode`, with the native kernel switched off) and the eager step (the
+fused kernels off too: `qmamba.kernels.forced("torch", ops=...)`), in one process, alternating
+between rounds so that all see the same machine load; checks that all produce the same logits
 bit for bit.
 
     python benchmarks/bench_fused_decode.py --shape mamba2-130m --batch 1,16 --threads 1 --rounds 6 --steps 16
@@ -28,6 +29,8 @@ from qmamba.kernels import forced
 from qmamba.utils.io import atomic_write_json
 
 FUSED_OPS = ("mamba2_conv_step", "mamba2_ssm_step")
+NATIVE_OPS = ("mamba2_model_step",)
+OFF = {"native": (), "fused": NATIVE_OPS, "eager": NATIVE_OPS + FUSED_OPS}     # kernels switched off
 
 
 def bytes_read(model, cache) -> int:
@@ -39,25 +42,25 @@ def bytes_read(model, cache) -> int:
 @torch.no_grad()
 def run(model, batch: int, rounds: int, steps: int, prompt_len: int) -> dict:
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    times = {"fused": [], "eager": []}
+    times = {v: [] for v in OFF}
     logits, read = {}, 0
     for r in range(rounds + 1):                     # round 0: warm-up
-        for variant in ("fused", "eager"):
-            ctx = forced("torch", ops=FUSED_OPS) if variant == "eager" else contextlib.nullcontext()
+        for variant, off in OFF.items():
+            ctx = forced("torch", ops=off) if off else contextlib.nullcontext()
             with ctx:
                 per, out, cache = decode_step_seconds(model, prompt, steps)
             if r:
                 times[variant].append(statistics.median(per))
             logits.setdefault(variant, out)
             read = bytes_read(model, cache)
-    same = torch.equal(logits["fused"], logits["eager"])
-    assert same, "the fused and the eager step disagree"
+    same = all(torch.equal(logits[v], logits["eager"]) for v in OFF)
+    assert same, "the decode steps disagree"
     row = {"batch": batch, "bytes_read_per_step": read, "logits_equal": same}
     for v, ts in times.items():
         t = statistics.median(ts)
         row[v] = {"ms_per_token": t * 1e3, "tokens_per_second": batch / t, "gb_s": read / t / 1e9,
                   "rounds_ms": [x * 1e3 for x in ts]}
-    row["speedup"] = row["eager"]["ms_per_token"] / row["fused"]["ms_per_token"]
+    row["speedup"] = {v: row["eager"]["ms_per_token"] / row[v]["ms_per_token"] for v in ("native", "fused")}
     return row
 
 
@@ -81,12 +84,13 @@ def main() -> None:
           f"copy bandwidth {bw:.1f} GB/s; load average {load_before[0]:.2f} -> {load_after[0]:.2f} "
           f"on {os.cpu_count()} CPUs")
     for r in rows:
-        for v in ("eager", "fused"):
+        for v in OFF:
             x = r[v]
             print(f"batch {r['batch']:>3} {v:<6} {x['ms_per_token']:8.2f} ms/token {x['tokens_per_second']:8.1f} tok/s "
                   f"{x['gb_s']:6.2f} GB/s ({x['gb_s'] / bw:5.1%} of copy)  rounds: "
                   + ", ".join(f"{t:.1f}" for t in x["rounds_ms"]))
-        print(f"batch {r['batch']:>3} fused / eager speed-up {r['speedup']:.2f}x, logits equal: {r['logits_equal']}")
+        print(f"batch {r['batch']:>3} speed-up over eager: native {r['speedup']['native']:.2f}x, fused "
+              f"{r['speedup']['fused']:.2f}x; logits equal: {r['logits_equal']}")
     if args.json:
         atomic_write_json(args.json, {"shape": args.shape, "source": source, "threads": args.threads,
                                       "rounds": args.rounds, "steps": args.steps, "prompt_len": args.prompt_len,

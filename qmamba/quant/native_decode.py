@@ -8,7 +8,7 @@ between the embedding lookup and the final norm. Its codes, scales, conv state a
 equal the eager step's bit for bit (tests/kernels/test_native_decode.py); the eager step is its
 reference twin (the kernel's own, pure-PyTorch twin is `qmamba.kernels.reference.mamba2_model_step`).
 
-It applies (else it returns False and the model runs its per-layer step, fused where
+It applies (else it returns None and the model runs its per-layer step, fused where
 `qmamba.quant.fused_decode` applies) when: every block is Mamba2, quantized with a static
 per-tensor 8-bit quantizer at the conv input, x, B, C, dt and z, an int8 conv state and an
 integer SSM state that the C kernels run; in_proj and out_proj hold 8-bit weight codes in integer
@@ -102,8 +102,8 @@ def _plan(model, cache) -> Optional[Mamba2Layers]:
     (a new cache, or one the eager path replaced), reused while they are the same and no
     parameter or buffer of the model changed in place (their version counters; a tensor
     swapped for another one between two tokens of one cache is not seen)."""
-    if not all(isinstance(s.ssm, QuantizedSSMState) for s in cache):
-        return None
+    if not all(isinstance(getattr(s, "ssm", None), QuantizedSSMState) for s in cache):
+        return None                         # a float state, or an attention layer's KV cache
     state = _state_pointers(cache)
     hit = model.__dict__.get("_native_plan")
     if hit is not None and hit[0] == state and all(t._version == v for t, v in zip(hit[1], hit[2])):

@@ -134,3 +134,18 @@ def test_a_weight_changed_in_place_is_seen(qmodel):
     finally:
         set_execution(qmodel, "sim")
     assert torch.equal(got, want) and not torch.equal(want, unchanged)
+
+
+@torch.no_grad()
+def test_a_hybrid_runs_its_per_layer_step():
+    """ref-hybrid (Mamba2 + attention + MLP blocks): the native step declines (an attention
+    layer's KV cache has no SSM state) and the per-layer step decodes, in integer execution."""
+    model = qmamba.load("ref-hybrid").model
+    calib = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = quantize(model, "w8a8h4kv8", calib=calib, method="rtn", progress=False)
+    set_execution(model, "int")
+    cache = model.allocate_cache(1)
+    before = native_decode.runs["native"]
+    model(torch.tensor([[1, 2, 3]]), cache)
+    logits = model.step(torch.tensor([4]), cache)
+    assert native_decode.runs["native"] == before and torch.isfinite(logits).all()
