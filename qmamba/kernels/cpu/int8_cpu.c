@@ -582,6 +582,23 @@ static inline void dsq_row(int64_t row, int64_t l, int64_t d, int64_t n, int64_t
             if (vec) {
                 const f8 vdtx = f8_set1(dtx);
                 f8 vmax = f8_zero();
+#ifdef QM_ISA_AVX512VNNI
+                /* 16 lanes: the same operation on every element; the lane maxima fold to 8 (max is
+                   exact, so the order does not matter for finite values) */
+                const __m512 vdtx16 = _mm512_set1_ps(dtx);
+                __m512 vmax16 = _mm512_setzero_ps();
+                for (int64_t k = 0; k < n; k += 16) {
+                    const __m512 da = nA == 1 ? _mm512_set1_ps(dA[0]) : _mm512_loadu_ps(dA + k);
+                    __m512 hk = _mm512_add_ps(_mm512_mul_ps(da, _mm512_loadu_ps(h + k)),
+                                              _mm512_mul_ps(vdtx16, _mm512_loadu_ps(Bt + k)));
+                    hk = _mm512_div_ps(hk, _mm512_loadu_ps(s_n + k));
+                    _mm512_storeu_ps(h + k, hk);
+                    vmax16 = _mm512_max_ps(vmax16, _mm512_abs_ps(hk));
+                }
+                vmax = f8_max(_mm512_castps512_ps256(vmax16),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(vmax16), 1)));
+                (void)vdtx;
+#else
                 for (int64_t k = 0; k < n; k += 8) {          /* h keeps h / s_n: one division */
                     const f8 da = nA == 1 ? f8_set1(dA[0]) : f8_load(dA + k);
                     f8 hk = f8_add(f8_mul(da, f8_load(h + k)), f8_mul(vdtx, f8_load(Bt + k)));
@@ -589,6 +606,7 @@ static inline void dsq_row(int64_t row, int64_t l, int64_t d, int64_t n, int64_t
                     f8_store(h + k, hk);
                     vmax = f8_max(vmax, f8_abs(hk));
                 }
+#endif
                 float m8[8];
                 f8_store(m8, vmax);
                 for (int j = 0; j < 8; j++) amax = m8[j] > amax ? m8[j] : amax;
@@ -610,6 +628,22 @@ static inline void dsq_row(int64_t row, int64_t l, int64_t d, int64_t n, int64_t
             if (vec) {
                 const f8 vs = f8_set1(s), hi = f8_set1(qmax), lo = f8_set1(-qmax);
                 f8 vacc = f8_zero();
+#ifdef QM_ISA_AVX512VNNI
+                /* 16 lanes, the products added into the 8 accumulators in the 8-lane order */
+                const __m512 vs16 = _mm512_set1_ps(s), hi16 = _mm512_set1_ps(qmax), lo16 = _mm512_set1_ps(-qmax);
+                for (int64_t k = 0; k < n; k += 16) {
+                    __m512 v = _mm512_div_ps(_mm512_loadu_ps(h + k), vs16);
+                    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    v = _mm512_min_ps(_mm512_max_ps(v, lo16), hi16);
+                    _mm512_storeu_ps(q + k, v);
+                    const __m512 hk = _mm512_mul_ps(_mm512_mul_ps(v, vs16), _mm512_loadu_ps(s_n + k));
+                    _mm512_storeu_ps(h + k, hk);
+                    const __m512 p = _mm512_mul_ps(hk, _mm512_loadu_ps(Ct + k));
+                    vacc = f8_add(vacc, _mm512_castps512_ps256(p));
+                    vacc = f8_add(vacc, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+                }
+                (void)hi; (void)lo;
+#else
                 for (int64_t k = 0; k < n; k += 8) {
                     const f8 sn = f8_load(s_n + k);
                     f8 v = f8_div(f8_load(h + k), vs);
@@ -620,6 +654,7 @@ static inline void dsq_row(int64_t row, int64_t l, int64_t d, int64_t n, int64_t
                     f8_store(h + k, hk);
                     vacc = f8_add(vacc, f8_mul(hk, f8_load(Ct + k)));
                 }
+#endif
                 acc = f8_hsum(vacc);
                 k0 = n;
             }
