@@ -188,12 +188,15 @@ static inline int32_t hsum_i32(__m256i v) {
 #if defined(QM_ISA_AVX512VNNI)
 /* t[r] += sum_{k < len} (x[k] + 128) * w_r[k] for the nr <= 4 rows w_r = w + r K: 64 columns a
  * step, the last ragged step through masked loads (zero weights there add nothing) */
-static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t) {
+static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t,
+                            const int8_t *pf) {
     const __m512i bias = _mm512_set1_epi8((char)0x80);
     __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int64_t k = 0; k < len; k += 64) {
         const __mmask64 m = len - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (len - k)) - 1);
         const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, x + k), bias);
+        if (pf)
+            for (int64_t r = 0; r < nr; r++) _mm_prefetch((const char *)(pf + r * K + k), _MM_HINT_T0);
         for (int64_t r = 0; r < nr; r++)
             a[r] = _mm512_dpbusd_epi32(a[r], u, _mm512_maskz_loadu_epi8(m, w + r * K + k));
     }
@@ -211,12 +214,15 @@ static inline int32_t sum_w(const int8_t *w, int64_t len) {
     return _mm512_reduce_add_epi32(a);
 }
 #elif defined(QM_ISA_AVXVNNI)
-static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t) {
+static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t,
+                            const int8_t *pf) {
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     int64_t k = 0;
     for (; k + 32 <= len; k += 32) {
         const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(x + k)), bias);
+        if (pf && !(k & 63))
+            for (int64_t r = 0; r < nr; r++) _mm_prefetch((const char *)(pf + r * K + k), _MM_HINT_T0);
         for (int64_t r = 0; r < nr; r++)
             a[r] = _mm256_dpbusd_avx_epi32(a[r], u, _mm256_loadu_si256((const __m256i *)(w + r * K + k)));
     }
@@ -238,13 +244,16 @@ static inline int32_t sum_w(const int8_t *w, int64_t len) {
 }
 #elif defined(QM_ISA_AVX2)
 /* t[r] += sum_{k < len} x[k] * w_r[k] (no bias: the sign idiom needs no compensation) */
-static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t) {
+static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t,
+                            const int8_t *pf) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     int64_t k = 0;
     for (; k + 32 <= len; k += 32) {                /* one x load, nr chains */
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
         const __m256i ax = _mm256_sign_epi8(xv, xv);
+        if (pf && !(k & 63))
+            for (int64_t r = 0; r < nr; r++) _mm_prefetch((const char *)(pf + r * K + k), _MM_HINT_T0);
         for (int64_t r = 0; r < nr; r++)
             a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax,
                        _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w + r * K + k)), xv)), ones));
@@ -256,7 +265,9 @@ static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t
     }
 }
 #else
-static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t) {
+static inline void dot_rows(const int8_t *x, const int8_t *w, int64_t K, int64_t nr, int64_t len, int64_t *t,
+                            const int8_t *pf) {
+    (void)pf;
     for (int64_t r = 0; r < nr; r++) {
         const int8_t *wr = w + r * K;
         int32_t s = 0;
@@ -278,11 +289,10 @@ static void i8_linear_rows(int64_t M, int64_t N, int64_t K, const int8_t *x, con
     #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
         const int64_t nr = N - n0 < 4 ? N - n0 : 4;
-#ifdef QM_X86
-        if (n0 + 4 * QM_PF < N)     /* ask for the block QM_PF blocks ahead: one core alone cannot
-                                       keep enough cache misses in flight to stream at full speed */
-            for (int64_t k = 0; k < 4 * K; k += 64) _mm_prefetch((const char *)(w + (n0 + 4 * QM_PF) * K + k), _MM_HINT_T0);
-#endif
+        /* the rows QM_PF blocks ahead are prefetched while these are summed (first activation
+           row only): one core alone does not keep enough cache misses in flight to stream the
+           weights at full speed */
+        const int8_t *pf = n0 + 4 * QM_PF + 4 <= N ? w + (n0 + 4 * QM_PF) * K : NULL;
         for (int64_t m = 0; m < M; m++) {
             const int8_t *xm = x + m * K;
             float y[4] = {0, 0, 0, 0};
@@ -291,8 +301,9 @@ static void i8_linear_rows(int64_t M, int64_t N, int64_t K, const int8_t *x, con
                 for (int64_t c0 = 0; c0 < gs; c0 += CHUNK) {
                     const int64_t len = gs - c0 < CHUNK ? gs - c0 : CHUNK;
                     const int8_t *w0 = w + n0 * K + g * gs + c0;
-                    if (nr == 4) dot_rows(xm + g * gs + c0, w0, K, 4, len, t);   /* unrolled: 4 chains */
-                    else dot_rows(xm + g * gs + c0, w0, K, nr, len, t);
+                    const int8_t *p = m == 0 && pf ? pf + g * gs + c0 : NULL;
+                    if (nr == 4) dot_rows(xm + g * gs + c0, w0, K, 4, len, t, p);   /* unrolled: 4 chains */
+                    else dot_rows(xm + g * gs + c0, w0, K, nr, len, t, p);
 #ifdef QM_VNNI
                     if (!wsum)
                         for (int64_t r = 0; r < nr; r++) t[r] -= 128 * (int64_t)sum_w(w0 + r * K, len);
