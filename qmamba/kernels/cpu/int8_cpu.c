@@ -377,6 +377,20 @@ void i8_linear_f32(int64_t M, int64_t N, int64_t K, const float *x, float static
 }
 
 /* ------------------------------------------------------------------ float x int8 */
+#ifdef QM_ISA_AVX512VNNI
+/* 8 int8 of p and 8 of q -> 16 floats (p's in the low half) */
+static inline __m512 pair_i8(const int8_t *p, const int8_t *q) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)p),
+                                                                      _mm_loadl_epi64((const __m128i *)q))));
+}
+/* 8 floats in both halves */
+static inline __m512 dup8(const float *p) {
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
+}
+static inline __m256 lo8(__m512 v) { return _mm512_castps512_ps256(v); }
+static inline __m256 hi8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+#endif
+
 void f32i8_linear(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *w, const float *s,
                   float *out, int nthreads) {
     #pragma omp parallel num_threads(nthreads)
@@ -387,8 +401,8 @@ void f32i8_linear(int64_t M, int64_t N, int64_t K, const float *x, const int8_t 
         #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += 4) {
             const int64_t nr = N - n0 < 4 ? N - n0 : 4;
-#ifdef QM_X86
-            if (n0 + 4 * QM_PF < N)      /* as in i8_linear_rows */
+#if defined(QM_X86) && !defined(QM_ISA_AVX512VNNI)
+            if (M == 1 && n0 + 4 * QM_PF < N)      /* as in i8_linear_rows */
                 for (int64_t k = 0; k < 4 * K; k += 64) _mm_prefetch((const char *)(w + (n0 + 4 * QM_PF) * K + k), _MM_HINT_T0);
 #endif
             if (nr < 4) {
@@ -402,6 +416,59 @@ void f32i8_linear(int64_t M, int64_t N, int64_t K, const float *x, const int8_t 
                 continue;
             }
             const int8_t *w0 = w + n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+#ifdef QM_ISA_AVX512VNNI
+            /* two rows per 16-lane vector (rows 0 and 1, then 2 and 3), each half the 8 lanes of
+               the code below in the same order: half the instructions, the same bits */
+            const int64_t K8 = K / 8 * 8;
+            if (wf)
+                for (int64_t k = 0; k < K8; k += 8) {
+                    _mm512_storeu_ps(wf + 2 * k, pair_i8(w0 + k, w1 + k));
+                    _mm512_storeu_ps(wf + 2 * K8 + 2 * k, pair_i8(w2 + k, w3 + k));
+                }
+            for (int64_t m0 = 0; wf && m0 < M; m0 += 4) {   /* 4 activation rows at once: 8 chains */
+                const int64_t mm = M - m0 < 4 ? M - m0 : 4;
+                __m512 a[4][2];
+                for (int64_t j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm512_setzero_ps();
+                for (int64_t k = 0; k < K8; k += 8) {
+                    const __m512 f01 = _mm512_loadu_ps(wf + 2 * k), f23 = _mm512_loadu_ps(wf + 2 * K8 + 2 * k);
+                    for (int64_t j = 0; j < mm; j++) {
+                        const __m512 xv = dup8(x + (m0 + j) * K + k);
+                        a[j][0] = _mm512_fmadd_ps(xv, f01, a[j][0]);
+                        a[j][1] = _mm512_fmadd_ps(xv, f23, a[j][1]);
+                    }
+                }
+                for (int64_t j = 0; j < mm; j++) {
+                    const float *xm = x + (m0 + j) * K;
+                    float y0 = f8_hsum(lo8(a[j][0])), y1 = f8_hsum(hi8(a[j][0]));
+                    float y2 = f8_hsum(lo8(a[j][1])), y3 = f8_hsum(hi8(a[j][1]));
+                    for (int64_t k = K8; k < K; k++) {
+                        y0 += xm[k] * w0[k]; y1 += xm[k] * w1[k]; y2 += xm[k] * w2[k]; y3 += xm[k] * w3[k];
+                    }
+                    float *o = out + (m0 + j) * N + n0;
+                    o[0] = s[n0] * y0; o[1] = s[n0 + 1] * y1; o[2] = s[n0 + 2] * y2; o[3] = s[n0 + 3] * y3;
+                }
+            }
+            for (int64_t m = 0; !wf && m < M; m++) {
+                const float *xm = x + m * K;
+                __m512 a01 = _mm512_setzero_ps(), a23 = a01;
+                for (int64_t k = 0; k < K8; k += 8) {       /* one activation row (M = 1) */
+                    const __m512 xv = dup8(xm + k);
+                    if (n0 + 4 * QM_PF + 4 <= N && !(k & 63)) {     /* as in i8_linear_rows */
+                        const int8_t *pf = w + (n0 + 4 * QM_PF) * K + k;
+                        for (int64_t r = 0; r < 4; r++) _mm_prefetch((const char *)(pf + r * K), _MM_HINT_T0);
+                    }
+                    a01 = _mm512_fmadd_ps(xv, pair_i8(w0 + k, w1 + k), a01);
+                    a23 = _mm512_fmadd_ps(xv, pair_i8(w2 + k, w3 + k), a23);
+                }
+                float y0 = f8_hsum(lo8(a01)), y1 = f8_hsum(hi8(a01)), y2 = f8_hsum(lo8(a23)), y3 = f8_hsum(hi8(a23));
+                for (int64_t k = K8; k < K; k++) {
+                    y0 += xm[k] * w0[k]; y1 += xm[k] * w1[k]; y2 += xm[k] * w2[k]; y3 += xm[k] * w3[k];
+                }
+                out[m * N + n0] = s[n0] * y0;         out[m * N + n0 + 1] = s[n0 + 1] * y1;
+                out[m * N + n0 + 2] = s[n0 + 2] * y2; out[m * N + n0 + 3] = s[n0 + 3] * y3;
+            }
+            continue;
+#endif
             if (wf) {
                 for (int64_t k = 0; k < 4 * K; k++) wf[k] = (float)w0[k];
             }
@@ -606,8 +673,7 @@ static inline void dsq_row(int64_t row, int64_t l, int64_t d, int64_t n, int64_t
                     _mm512_storeu_ps(h + k, hk);
                     vmax16 = _mm512_max_ps(vmax16, _mm512_abs_ps(hk));
                 }
-                vmax = f8_max(_mm512_castps512_ps256(vmax16),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(vmax16), 1)));
+                vmax = f8_max(lo8(vmax16), hi8(vmax16));
                 (void)vdtx;
 #else
                 for (int64_t k = 0; k < n; k += 8) {          /* h keeps h / s_n: one division */
@@ -650,8 +716,8 @@ static inline void dsq_row(int64_t row, int64_t l, int64_t d, int64_t n, int64_t
                     const __m512 hk = _mm512_mul_ps(_mm512_mul_ps(v, vs16), _mm512_loadu_ps(s_n + k));
                     _mm512_storeu_ps(h + k, hk);
                     const __m512 p = _mm512_mul_ps(hk, _mm512_loadu_ps(Ct + k));
-                    vacc = f8_add(vacc, _mm512_castps512_ps256(p));
-                    vacc = f8_add(vacc, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+                    vacc = f8_add(vacc, lo8(p));
+                    vacc = f8_add(vacc, hi8(p));
                 }
                 (void)hi; (void)lo;
 #else
