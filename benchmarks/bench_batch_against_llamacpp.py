@@ -82,7 +82,8 @@ def main() -> None:
             v = [x["decode_tokens_per_second"] for x in rounds if x["threads"] == t and x["side"] == side]
             summary.append({"threads": t, "side": side, "variant": variant, "batch": a.batch,
                             "decode_tokens_per_second": statistics.median(v), "rounds": v})
-    lines = ["| threads | batch | runtime | variant | decode (tok/s, all sequences) | per round |", "|---|---|---|---|---|---|"]
+    lines = ["| threads | batch | runtime | variant | decode (tok/s, all sequences) | per round |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {s['threads']} | {s['batch']} | {s['side']} | {s['variant']} | {s['decode_tokens_per_second']:.1f} | "
               + ", ".join(f"{v:.1f}" for v in s["rounds"]) + " |" for s in summary]
     print("\n".join(lines))
