@@ -59,13 +59,15 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.mamba2_conv_step.argtypes = [i64, i64, i64, ptr, i64, f32, ptr, ptr, ptr, ptr, i32]
     lib.mamba2_ssm_step.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, f32, f32, f32, f32, f32, ptr, ptr,
                                     ptr, ptr, ptr, ptr, i32, i32, f32, ptr, ptr, ptr, i32]
-    lib.mamba2_model_step.argtypes = [i64, ptr, i64, ptr, i32]
+    lib.mamba2_model_step.argtypes = [i64, ptr, i64, ptr, ptr, i32]
     for name in SYMBOLS:
         getattr(lib, name).restype = None
     lib.qmamba_isa.restype = ctypes.c_char_p
     lib.qmamba_isa.argtypes = []
     lib.qm_mamba2_layer_size.restype = i64
     lib.qm_mamba2_layer_size.argtypes = []
+    lib.mamba2_model_step_scratch.restype = i64
+    lib.mamba2_model_step_scratch.argtypes = [i64, ptr, i64]
     if lib.qm_mamba2_layer_size() != ctypes.sizeof(CLayer):
         raise RuntimeError(f"the C struct qm_mamba2_layer has {lib.qm_mamba2_layer_size()} bytes, its ctypes "
                            f"mirror {ctypes.sizeof(CLayer)}")
@@ -233,8 +235,12 @@ class NativeKernels:
         (b, D) float32 contiguous, the residual stream, updated in place and returned; the
         layers' conv states, codes and scales updated in place."""
         assert hidden.dtype == torch.float32 and hidden.is_contiguous()
-        self.lib.mamba2_model_step(len(layers), ctypes.addressof(layers.c_array()), hidden.shape[0], _ptr(hidden),
-                                   self._n_threads())
+        b, structs = hidden.shape[0], ctypes.addressof(layers.c_array())
+        scratch = layers.scratch.get(b)
+        if scratch is None:
+            n = self.lib.mamba2_model_step_scratch(len(layers), structs, b)
+            scratch = layers.scratch[b] = torch.empty((n + 7) // 8, dtype=torch.float64)
+        self.lib.mamba2_model_step(len(layers), structs, b, _ptr(hidden), _ptr(scratch), self._n_threads())
         return hidden
 
 

@@ -94,9 +94,14 @@ def to_c(layer: Mamba2Layer) -> CLayer:
 
 
 class Mamba2Layers(list):
-    """The layers of one model and batch, in order; their C array built once, on first use."""
+    """The layers of one model and batch, in order; their C array built once, on first use, and
+    the kernel's scratch per batch size (`scratch`, kept here so that no token allocates)."""
 
     _c = None
+
+    def __init__(self, layers=()):
+        super().__init__(layers)
+        self.scratch: dict = {}
 
     def c_array(self) -> ctypes.Array:
         if self._c is None:

@@ -138,6 +138,8 @@ class MambaLM(nn.Module):
         return self._head(hidden)
 
     def allocate_cache(self, batch: int, device=None, dtype=None) -> InferenceCache:
+        # the native step's arguments point into the last cache: let it go with its owner
+        self.__dict__.pop("_native_plan", None)
         p = self.backbone.norm_f.weight
         device = device or p.device
         dtype = dtype or p.dtype

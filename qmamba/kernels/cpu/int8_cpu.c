@@ -905,25 +905,45 @@ typedef struct {
 int64_t qm_mamba2_layer_size(void) { return (int64_t)sizeof(qm_mamba2_layer); }
 
 /* All `nl` layers for one token of b sequences: hidden (b, D) float32, the residual stream,
- * updated in place; every layer's conv state, codes and scales updated in place. One parallel
- * region for the whole token: the threads share out the rows of the two products, the conv
- * channels and the state rows; the norms run on one thread. */
-void mamba2_model_step(int64_t nl, const qm_mamba2_layer *layers, int64_t b, float *hidden, int nthreads) {
-    int64_t D = 0, nin = 0, cd = 0, d = 0, gn = 0;
+ * updated in place; every layer's conv state, codes and scales updated in place; `scratch`
+ * (mamba2_model_step_scratch bytes, 8-byte aligned) is the caller's: no allocation per token,
+ * which fragments the C heap. One parallel region for the whole token: the threads share out
+ * the rows of the two products, the conv channels and the state rows; the norms run on one
+ * thread. */
+/* the scratch of one token: the largest layer's sizes (float parts, then the gate in double, then
+ * the int8 activations); `mamba2_model_step_scratch` gives its size in bytes */
+typedef struct { int64_t D, nin, d, gn; } qm_sizes;
+
+static qm_sizes max_sizes(int64_t nl, const qm_mamba2_layer *layers) {
+    qm_sizes m = {0, 0, 0, 0};
     for (int64_t i = 0; i < nl; i++) {
         const qm_mamba2_layer *L = &layers[i];
-        const int64_t c = L->d + 2 * L->g * L->n;
-        D = L->D > D ? L->D : D;
-        d = L->d > d ? L->d : d;
-        cd = c > cd ? c : cd;
-        gn = L->g * L->n > gn ? L->g * L->n : gn;
-        nin = L->d + c + L->d / L->headdim > nin ? L->d + c + L->d / L->headdim : nin;
+        const int64_t nin = 2 * L->d + 2 * L->g * L->n + L->d / L->headdim;
+        m.D = L->D > m.D ? L->D : m.D;
+        m.d = L->d > m.d ? L->d : m.d;
+        m.gn = L->g * L->n > m.gn ? L->g * L->n : m.gn;
+        m.nin = nin > m.nin ? nin : m.nin;
     }
-    float *u = (float *)malloc(sizeof(float) * b * (D + nin + 3 * d + 2 * gn + 2) + 1);
+    return m;
+}
+
+static int64_t scratch_floats(qm_sizes m, int64_t b) { return b * (m.D + m.nin + 3 * m.d + 2 * m.gn + 2); }
+
+int64_t mamba2_model_step_scratch(int64_t nl, const qm_mamba2_layer *layers, int64_t b) {
+    const qm_sizes m = max_sizes(nl, layers);
+    const int64_t f = (scratch_floats(m, b) + 1) / 2 * 2;             /* doubles 8-byte aligned */
+    return 4 * f + 8 * b * m.d + b * (m.D > m.d ? m.D : m.d);
+}
+
+void mamba2_model_step(int64_t nl, const qm_mamba2_layer *layers, int64_t b, float *hidden, void *scratch,
+                       int nthreads) {
+    const qm_sizes m = max_sizes(nl, layers);
+    const int64_t D = m.D, nin = m.nin, d = m.d, gn = m.gn;
+    float *u = (float *)scratch;
     float *zx = u + b * D, *xq = zx + b * nin, *dtq = xq + b * d, *y = dtq + b * d;
     float *Bq = y + b * d, *Cq = Bq + b * gn, *sx = Cq + b * gn;
-    double *gate = (double *)malloc(sizeof(double) * b * d + 1);
-    int8_t *q = (int8_t *)malloc(b * (D > d ? D : d) + 1);
+    double *gate = (double *)(u + (scratch_floats(m, b) + 1) / 2 * 2);
+    int8_t *q = (int8_t *)(gate + b * d);
     #pragma omp parallel num_threads(nthreads)
     for (int64_t li = 0; li < nl; li++) {
         const qm_mamba2_layer *L = &layers[li];
@@ -990,7 +1010,4 @@ void mamba2_model_step(int64_t nl, const qm_mamba2_layer *layers, int64_t b, flo
         }
         i8_linear_rows(b, L->D, dl, q, sx, L->out_w, L->out_sums, L->out_sw, L->out_gs, L->out_bias, NULL, hidden);
     }
-    free(u);
-    free(gate);
-    free(q);
 }
