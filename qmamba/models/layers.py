@@ -22,8 +22,15 @@ def rms(x: Tensor, eps: float) -> Tensor:
 # of the library that runs it (PyTorch's vectorised one differs between CPU capabilities and from
 # C's libm). Computed in float64 and rounded once to float32, any two correct implementations
 # agree unless a value lies within about 2^-52 (relative) of a float32 rounding boundary: the
-# integer execution of a quantized model uses these (`float64_numerics`), so that the native
-# decode step (qmamba.kernels, mamba2_model_step) reproduces the eager model bit for bit.
+# decode step of a quantized model in integer execution uses these (`float64_numerics`, for
+# one-token inputs (b, d) only; prompts (b, l, d) keep float32), so that the native decode step
+# (qmamba.kernels, mamba2_model_step) reproduces the eager step bit for bit.
+def float64_step(module: nn.Module, x: Tensor) -> bool:
+    """Whether `module` computes x in float64: its `float64_numerics` is on and x is one token
+    per sequence (b, d), the decode step."""
+    return module.float64_numerics and x.dim() == 2
+
+
 def rms64(x: Tensor, eps: float) -> Tensor:
     """`rms` in float64: x * (sum(x^2) / k + eps)^-1/2, rounded once to float32."""
     x64 = x.double()
@@ -43,7 +50,7 @@ def softplus64(x: Tensor) -> Tensor:
 class RMSNorm(nn.Module):
     """RMSNorm as transformers' MambaRMSNorm: normalise in float32, cast back, then scale."""
 
-    float64_numerics = False        # `rms64` instead (the integer execution of a quantized model)
+    float64_numerics = False        # `rms64` in the decode step (see `float64_step`)
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -51,7 +58,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * (rms64 if self.float64_numerics else rms)(x, self.eps).to(x.dtype)
+        return self.weight * (rms64 if float64_step(self, x) else rms)(x, self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -59,7 +66,7 @@ class GatedRMSNorm(nn.Module):
     own. mamba_ssm's RMSNormGated (norm_before_gate=False) uses group_size = d / ngroups, and so
     does transformers from 5.23; older transformers normalised over all d channels (hf_compat)."""
 
-    float64_numerics = False        # the gate and the norm in float64 (see `rms64`)
+    float64_numerics = False        # the gate and the norm in float64 in the decode step (`float64_step`)
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
         super().__init__()
@@ -69,10 +76,11 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         dtype = y.dtype
-        wide = torch.float64 if self.float64_numerics else torch.float32
-        y = y.to(wide) * F.silu(z.to(wide))                                 # (b, l, d)
+        wide = float64_step(self, y)
+        acc = torch.float64 if wide else torch.float32
+        y = y.to(acc) * F.silu(z.to(acc))                                   # (b, l, d) or (b, d)
         shape = y.shape
-        y = (rms64 if self.float64_numerics else rms)(y.reshape(*shape[:-1], -1, self.group_size), self.eps)
+        y = (rms64 if wide else rms)(y.reshape(*shape[:-1], -1, self.group_size), self.eps)
         return self.weight * y.reshape(shape).to(dtype)
 
 

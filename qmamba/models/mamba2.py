@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .cache import LayerState
 from .config import ModelConfig
 from .layer_spec import LinearGroup, SmoothingPair
-from .layers import GatedRMSNorm, causal_conv1d, conv_tail, silu64, softplus64
+from .layers import GatedRMSNorm, causal_conv1d, conv_tail, float64_step, silu64, softplus64
 from .mixer import MixerBase, conv_step
 from .scan.ssd import ssd_scan
 
@@ -62,13 +62,13 @@ class Mamba2Mixer(MixerBase):
         self.A_log.copy_(torch.log(torch.rand(nh, generator=g) * 15 + 1))
         self.dt_bias.copy_(dt_bias)
 
-    float64_numerics = False        # SiLU and softplus in float64 (`qmamba.models.layers.rms64`)
+    float64_numerics = False        # SiLU and softplus in float64 in the decode step (`float64_step`)
 
     def silu(self, x: Tensor) -> Tensor:
-        return silu64(x) if self.float64_numerics else F.silu(x)
+        return silu64(x) if float64_step(self, x) else F.silu(x)
 
     def softplus(self, x: Tensor) -> Tensor:
-        return softplus64(x) if self.float64_numerics else F.softplus(x)
+        return softplus64(x) if float64_step(self, x) else F.softplus(x)
 
     def _split(self, zxbcdt: Tensor):
         d, gn = self.d_inner, self.ngroups * self.d_state
