@@ -1,10 +1,11 @@
 """How a quantized model's linears run: through dequantized float weights ("sim", the default,
 what evaluations use) or through integer products ("int", `qmamba.quant.intmm`).
 
-Integer execution is the deployment path: besides the integer products, its RMS norms and
-Mamba2's SiLU and softplus are computed in float64 and rounded once to float32
-(`float64_numerics`, see `qmamba.models.layers.rms64`), and a Mamba2 model decodes each token
-with one native call (`qmamba.quant.native_decode`), which reproduces those numbers bit for bit."""
+Integer execution is the deployment path: besides the integer products, the RMS norms and
+Mamba2's SiLU and softplus of its decode step are computed in float64 and rounded once to float32
+(`float64_numerics`, see `qmamba.models.layers.float64_step`), and a Mamba2 model decodes each
+token with one native call (`qmamba.quant.native_decode`), which reproduces those numbers bit for
+bit."""
 
 from __future__ import annotations
 
