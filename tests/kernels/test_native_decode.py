@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_compare import assert_same_decode, snapshot
 
 import qmamba
 from qmamba.kernels import cpu_native, forced
@@ -50,19 +51,12 @@ def _decode(model, batch: int, native: bool):
         logits, states = [], []
         for t in range(PROMPT, PROMPT + STEPS):
             logits.append(model.step(ids[:, t], cache))
-            states.append([x.clone() for layer in cache for x in (layer.conv, layer.ssm.codes, layer.ssm.scales)])
+            states.append(snapshot(cache))
     return logits, states, native_decode.runs["native"] - before
 
 
 def _assert_same(got, want):
-    (gl, gs, _), (wl, ws, _) = got, want
-    for t, (a, b) in enumerate(zip(gl, wl)):
-        assert torch.equal(a, b), f"step {t}: logits differ by {(a - b).abs().max().item():.3e}"
-    for t, (sa, sb) in enumerate(zip(gs, ws)):
-        for i, (a, b) in enumerate(zip(sa, sb)):
-            what = ("conv state", "state codes", "state scales")[i % 3]
-            assert a.dtype == b.dtype and torch.equal(a, b), f"step {t}, layer {i // 3}: {what} differ"
-    assert any(not torch.equal(a, b) for a, b in zip(gs[0], gs[-1]))     # the state moved
+    assert_same_decode(got[0], got[1], want[0], want[1])
 
 
 @pytest.mark.parametrize("batch", [1, 3])

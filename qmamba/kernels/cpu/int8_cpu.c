@@ -403,7 +403,8 @@ void f32i8_linear(int64_t M, int64_t N, int64_t K, const float *x, const int8_t 
             const int64_t nr = N - n0 < 4 ? N - n0 : 4;
 #if defined(QM_X86) && !defined(QM_ISA_AVX512VNNI)
             if (M == 1 && n0 + 4 * QM_PF < N)      /* as in i8_linear_rows */
-                for (int64_t k = 0; k < 4 * K; k += 64) _mm_prefetch((const char *)(w + (n0 + 4 * QM_PF) * K + k), _MM_HINT_T0);
+                for (int64_t k = 0; k < 4 * K; k += 64)
+                    _mm_prefetch((const char *)(w + (n0 + 4 * QM_PF) * K + k), _MM_HINT_T0);
 #endif
             if (nr < 4) {
                 for (int64_t m = 0; m < M; m++)
@@ -798,23 +799,26 @@ static inline float fq8(float x, float s) {
  *
  * xbc (b, cd) with row stride xs (a slice of in_proj's output), state (b, cd, w - 1) int8,
  * weight (cd, w), bias (cd) or NULL, out (b, cd). */
+/* one channel of it: st (w - 1) int8 codes updated in place, x the new input; returns the output */
+static inline float conv_channel(int8_t *st, const float *wt, const float *bias, int64_t w, float x, float s) {
+    float win[w];
+    for (int64_t k = 0; k < w - 1; k++) win[k] = (float)st[k] * s;
+    win[w - 1] = fq8(x, s);
+    float acc = 0.0f;
+    for (int64_t k = 0; k < w; k++) acc = acc + win[k] * wt[k];
+    for (int64_t k = 0; k < w - 1; k++) {
+        float v = nearbyintf(win[k + 1] / s);
+        st[k] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
+    }
+    return bias ? acc + *bias : acc;
+}
+
 void mamba2_conv_step(int64_t b, int64_t cd, int64_t w, const float *xbc, int64_t xs, float s,
                       int8_t *state, const float *weight, const float *bias, float *out, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (b * cd >= 65536)
     for (int64_t row = 0; row < b * cd; row++) {
         const int64_t bi = row / cd, c = row % cd;
-        int8_t *st = state + row * (w - 1);
-        const float *wt = weight + c * w;
-        float win[w];
-        for (int64_t k = 0; k < w - 1; k++) win[k] = (float)st[k] * s;
-        win[w - 1] = fq8(xbc[bi * xs + c], s);
-        float acc = 0.0f;
-        for (int64_t k = 0; k < w; k++) acc = acc + win[k] * wt[k];
-        out[row] = bias ? acc + bias[c] : acc;
-        for (int64_t k = 0; k < w - 1; k++) {
-            float v = nearbyintf(win[k + 1] / s);
-            st[k] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
-        }
+        out[row] = conv_channel(state + row * (w - 1), weight + c * w, bias ? bias + c : NULL, w, xbc[bi * xs + c], s);
     }
 }
 
@@ -968,19 +972,8 @@ void mamba2_model_step(int64_t nl, const qm_mamba2_layer *layers, int64_t b, flo
                 for (int64_t p = 0; p < L->headdim; p++) dtq[bi * dl + hh * L->headdim + p] = v;
                 continue;
             }
-            int8_t *st = L->conv_state + (bi * cdl + c) * (w - 1);
-            const float *wt = L->conv_w + c * w;
-            const float s = L->s_conv;
-            float win[w];
-            for (int64_t k = 0; k < w - 1; k++) win[k] = (float)st[k] * s;
-            win[w - 1] = fq8(row[dl + c], s);
-            float acc = 0.0f;
-            for (int64_t k = 0; k < w; k++) acc = acc + win[k] * wt[k];
-            if (L->conv_b) acc = acc + L->conv_b[c];
-            for (int64_t k = 0; k < w - 1; k++) {
-                float v = nearbyintf(win[k + 1] / s);
-                st[k] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
-            }
+            const float acc = conv_channel(L->conv_state + (bi * cdl + c) * (w - 1), L->conv_w + c * w,
+                                           L->conv_b ? L->conv_b + c : NULL, w, row[dl + c], L->s_conv);
             const float a = (float)silu_d((double)acc);
             if (c < dl) xq[bi * dl + c] = fq8(a, L->sx);
             else if (c < dl + gnl) Bq[bi * gnl + c - dl] = fq8(a, L->sB);
